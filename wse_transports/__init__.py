@@ -1,0 +1,1 @@
+"""Drivers that run the wse_proto machines on real sockets (asyncio, gevent, threading)."""
