@@ -1,0 +1,806 @@
+"""``ServerConnection``: one client connection as the server sees it (Sans-IO).
+
+Theory of operation
+-------------------
+The machine has four states (:class:`ConnectionState`) and every change of state
+goes through :meth:`_StateMachine._transition`, which looks the pair
+``(state, input)`` up in a table (h11/h2 style). A pair missing from the table is
+API misuse and raises :class:`~wse_proto.errors.LocalProtocolError`; the tables
+are data, so tests and docs can enumerate them.
+
+- ``HANDSHAKE``: bytes go to the RFC 6455 upgrade parser, then JWT (reference §1.3).
+- ``OPEN``: frames are decoded and dispatched (reference §3.2, §4.4); the
+  application sends events, text, bytes and broadcasts.
+- ``CLOSING``: we sent a Close and wait for the peer's (or ``close_timeout``);
+  inbound data is ignored, sends are dropped.
+- ``CLOSED``: the transport should flush :meth:`data_to_send` and close the
+  socket (``wants_close``); every further input is ignored.
+
+Bad peer input never raises out of the machine: it becomes an event plus a
+Close with the right code. Exactly one :class:`~wse_proto.events.ConnectionClosed`
+is emitted per connection, at the moment it stops carrying messages (entering
+CLOSING or CLOSED, whichever comes first).
+
+Time is an argument (``now``: monotonic seconds); wall-clock milliseconds for
+envelopes come from the injected ``wall_ms``; randomness from ``rand``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from . import auth, codec, envelope
+from ._defaults import RandFn, WallClockMs
+from .config import ServerConfig
+from .crypto import EncryptionSession, server_key_exchange
+from .errors import (
+    AuthError,
+    DecodeError,
+    DecryptionError,
+    KeyExchangeError,
+    LocalProtocolError,
+    PayloadTooLarge,
+    WSEError,
+)
+from .events import (
+    AuthRejected,
+    BytesReceived,
+    Connected,
+    ConnectionClosed,
+    DecryptFailed,
+    Event,
+    HelloReceived,
+    KeyExchangeFailed,
+    MessageReceived,
+    RateLimited,
+    TextReceived,
+)
+from .ratelimit import TokenBucket
+from .ws import (
+    ACCEPTED,
+    BINARY,
+    CLOSE,
+    PING,
+    PONG,
+    REJECTED,
+    TEXT,
+    FrameDecoder,
+    ServerHandshake,
+    binary_frame,
+    decode_text,
+    encode_close,
+    encode_frame,
+    parse_close,
+    text_frame,
+)
+
+__all__ = [
+    "CLIENT_TRANSITIONS",
+    "SERVER_TRANSITIONS",
+    "ConnectionState",
+    "Input",
+    "ServerConfig",
+    "ServerConnection",
+]
+
+
+class ConnectionState(enum.Enum):
+    """Lifecycle of a connection machine (shared by server and client)."""
+
+    HANDSHAKE = "HANDSHAKE"
+    OPEN = "OPEN"
+    CLOSING = "CLOSING"
+    CLOSED = "CLOSED"
+
+
+class Input(enum.Enum):
+    """What can happen to a connection machine (the columns of the tables)."""
+
+    ACCEPT = "accept"  # upgrade done (and JWT accepted, server side)
+    REJECT = "reject"  # the upgrade failed (HTTP error answer / bad 101)
+    AUTH_FAIL = "auth_fail"  # JWT rejected: error frame + close 4401
+    RECV_MESSAGE = "recv_message"  # any inbound frame but Close
+    RECV_CLOSE = "recv_close"  # the peer's Close frame
+    PEER_ERROR = "peer_error"  # framing error, oversize message, bad close payload
+    EOF = "eof"  # the transport saw the socket end
+    ABORT = "abort"  # the transport gives up on the socket
+    SEND = "send"  # the application queues a message
+    CLOSE = "close"  # the application starts the close handshake
+    PING_DUE = "ping_due"  # heartbeat timer
+    IDLE_TIMEOUT = "idle_timeout"  # no inbound message for idle_timeout
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    CLOSE_TIMEOUT = "close_timeout"  # the peer did not answer our Close
+
+
+_S = ConnectionState
+_I = Input
+
+_COMMON: Final[dict[tuple[ConnectionState, Input], ConnectionState]] = {
+    (_S.HANDSHAKE, _I.ACCEPT): _S.OPEN,
+    (_S.HANDSHAKE, _I.REJECT): _S.CLOSED,
+    (_S.HANDSHAKE, _I.EOF): _S.CLOSED,
+    (_S.HANDSHAKE, _I.ABORT): _S.CLOSED,
+    (_S.HANDSHAKE, _I.HANDSHAKE_TIMEOUT): _S.CLOSED,
+    (_S.HANDSHAKE, _I.CLOSE): _S.CLOSED,  # nothing to close on the wire yet
+    (_S.OPEN, _I.RECV_MESSAGE): _S.OPEN,
+    (_S.OPEN, _I.RECV_CLOSE): _S.CLOSED,  # echo the Close, then the socket goes
+    (_S.OPEN, _I.PEER_ERROR): _S.CLOSED,  # fail the connection (RFC 6455 §7.1.7)
+    (_S.OPEN, _I.EOF): _S.CLOSED,
+    (_S.OPEN, _I.ABORT): _S.CLOSED,
+    (_S.OPEN, _I.SEND): _S.OPEN,
+    (_S.OPEN, _I.CLOSE): _S.CLOSING,
+    (_S.OPEN, _I.PING_DUE): _S.OPEN,
+    (_S.CLOSING, _I.RECV_MESSAGE): _S.CLOSING,  # ignored after our Close
+    (_S.CLOSING, _I.RECV_CLOSE): _S.CLOSED,
+    (_S.CLOSING, _I.PEER_ERROR): _S.CLOSED,
+    (_S.CLOSING, _I.EOF): _S.CLOSED,
+    (_S.CLOSING, _I.ABORT): _S.CLOSED,
+    (_S.CLOSING, _I.SEND): _S.CLOSING,  # dropped: the peer may close at any time
+    (_S.CLOSING, _I.CLOSE): _S.CLOSING,  # idempotent
+    (_S.CLOSING, _I.CLOSE_TIMEOUT): _S.CLOSED,
+    (_S.CLOSED, _I.RECV_MESSAGE): _S.CLOSED,  # ignored
+    (_S.CLOSED, _I.RECV_CLOSE): _S.CLOSED,
+    (_S.CLOSED, _I.PEER_ERROR): _S.CLOSED,
+    (_S.CLOSED, _I.EOF): _S.CLOSED,
+    (_S.CLOSED, _I.ABORT): _S.CLOSED,
+    (_S.CLOSED, _I.SEND): _S.CLOSED,  # dropped
+    (_S.CLOSED, _I.CLOSE): _S.CLOSED,
+}
+
+SERVER_TRANSITIONS: Final[Mapping[tuple[ConnectionState, Input], ConnectionState]] = {
+    **_COMMON,
+    (_S.HANDSHAKE, _I.AUTH_FAIL): _S.CLOSED,  # 101, error frame, Close 4401, socket closed
+    (_S.OPEN, _I.IDLE_TIMEOUT): _S.CLOSING,  # status-less Close (K7, F2)
+}
+"""Server machine: ``(state, input) -> next state``. Missing pairs raise LocalProtocolError
+(e.g. sending before the handshake completed)."""
+
+CLIENT_TRANSITIONS: Final[Mapping[tuple[ConnectionState, Input], ConnectionState]] = {
+    **_COMMON,
+}
+"""Client machine: same shape; the client has no auth step and no idle close."""
+
+
+class _StateMachine:
+    """The state plus the single place that changes it."""
+
+    __slots__ = ("_table", "state")
+
+    def __init__(self, table: Mapping[tuple[ConnectionState, Input], ConnectionState]) -> None:
+        self._table = table
+        self.state = ConnectionState.HANDSHAKE
+
+    def _transition(self, inp: Input) -> ConnectionState:
+        try:
+            new = self._table[(self.state, inp)]
+        except KeyError:
+            raise LocalProtocolError(
+                f"{inp.value} is not allowed in state {self.state.value}"
+            ) from None
+        self.state = new
+        return new
+
+
+# ---------------------------------------------------------------------------
+# Small helpers for the §3.2 control messages
+# ---------------------------------------------------------------------------
+
+_U64_LIMIT: Final = 1 << 64
+_MAX_PROTOCOL_VERSION: Final = 2
+_LEGACY_JSON_STARTS: Final = ("{", "WSE{", "S{", "U{")
+_STATUSLESS_CLOSE: Final = encode_close(None)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hello_protocol_version(p: object) -> int:
+    """§3.1: ``min(client protocol_version, 2)``; 1 when absent or not a u64."""
+    version = p.get("protocol_version") if isinstance(p, dict) else None
+    if _is_int(version) and 0 <= version < _U64_LIMIT:  # type: ignore[operator]
+        return min(int(version), _MAX_PROTOCOL_VERSION)  # type: ignore[call-overload]
+    return 1
+
+
+def _close_reason(error: WSEError) -> str:
+    """A Close reason from an error message, within the 123-byte limit."""
+    raw = error.message.encode("utf-8")[:123]
+    return raw.decode("utf-8", "ignore")
+
+
+class ServerConnection(_StateMachine):
+    """One client connection, server side. See the module docstring.
+
+    Verbs: :meth:`receive_data`, :meth:`receive_eof`, :meth:`events_received`,
+    :meth:`data_to_send`, :meth:`next_deadline`, :meth:`handle_timer`; application
+    side :meth:`send_event`, :meth:`send_text`, :meth:`send_bytes`,
+    :meth:`send_broadcast`, :meth:`close`, :meth:`abort`.
+    """
+
+    __slots__ = (
+        "_bucket",
+        "_close_deadline",
+        "_closed_emitted",
+        "_decoder",
+        "_events",
+        "_handshake",
+        "_handshake_deadline",
+        "_idle_deadline",
+        "_last_limited",
+        "_last_warning",
+        "_next_ping",
+        "_next_seq",
+        "_now",
+        "_open",
+        "_out",
+        "_rand",
+        "_session",
+        "_wall_ms",
+        "acl",
+        "claims",
+        "config",
+        "conn_id",
+        "cookies",
+        "decrypt_failures",
+        "msgpack",
+        "path",
+        "pending_bytes",
+        "query",
+        "rate_limited_count",
+        "transport_backlog",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        conn_id: str,
+        now: float,
+        rand: RandFn,
+        wall_ms: WallClockMs,
+        next_seq: Callable[[], int],
+    ) -> None:
+        super().__init__(SERVER_TRANSITIONS)
+        self.config = config
+        self.conn_id = conn_id
+        self._rand = rand
+        self._wall_ms = wall_ms
+        self._next_seq = next_seq
+        self._handshake: ServerHandshake | None = ServerHandshake()
+        # Text frames are decoded once, in _on_text (decode_text raises the 1007 error).
+        self._decoder = FrameDecoder(
+            client_side=False, max_message_size=config.max_message_size, validate_utf8=False
+        )
+        self._now = now
+        self._events: list[Event] = []
+        self._out: list[bytes] = []
+        self._open = False
+        self._closed_emitted = False
+        self._session: EncryptionSession | None = None
+        self._bucket: TokenBucket | None = None
+        self._last_limited: float | None = None
+        self._last_warning: float | None = None
+        self._handshake_deadline: float | None = now + config.handshake_timeout
+        self._next_ping: float | None = None
+        self._idle_deadline: float | None = None
+        self._close_deadline: float | None = None
+        self.user_id: str | None = None
+        self.claims: dict[str, Any] | None = None
+        self.acl: Any = None
+        self.cookies = ""
+        self.path = ""
+        self.query = ""
+        self.msgpack = False
+        self.pending_bytes = 0
+        """Bytes queued here and not yet taken by :meth:`data_to_send`."""
+        self.transport_backlog = 0
+        """Set by the transport: bytes written but still in its (or the OS) buffer."""
+        self.rate_limited_count = 0
+        """``send_event`` calls dropped by the rate limiter."""
+        self.decrypt_failures = 0
+        """``E:`` frames dropped (K10)."""
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def encrypted(self) -> bool:
+        """A key was agreed by ``client_hello`` (§4.2); fan-out must use ``E:`` frames."""
+        return self._session is not None
+
+    @property
+    def wants_close(self) -> bool:
+        """The transport should flush :meth:`data_to_send` and close the socket."""
+        return self.state is ConnectionState.CLOSED
+
+    @property
+    def outbound_backlog(self) -> int:
+        """Bytes the peer has not received yet (for the hub's slow-consumer policy)."""
+        return self.pending_bytes + self.transport_backlog
+
+    # ------------------------------------------------------------------ output plumbing
+
+    def events_received(self) -> list[Event]:
+        """Every event since the last call (the list is handed over, not copied)."""
+        events = self._events
+        self._events = []
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Everything queued since the last call, as one buffer (write coalescing)."""
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        self.pending_bytes = 0
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+        self.pending_bytes += len(data)
+
+    def _emit_closed(self, code: int | None, reason: str, error: WSEError | None = None) -> None:
+        if not self._closed_emitted:
+            self._closed_emitted = True
+            self._events.append(ConnectionClosed(code, reason, error))
+
+    def _enter(self, inp: Input) -> ConnectionState:
+        """Transition and keep the derived flags and timers consistent."""
+        new = self._transition(inp)
+        self._open = new is ConnectionState.OPEN
+        if new is not ConnectionState.HANDSHAKE:
+            self._handshake_deadline = None
+        if new is not ConnectionState.OPEN:
+            self._next_ping = None
+            self._idle_deadline = None
+        if new is ConnectionState.CLOSED:
+            self._close_deadline = None
+            self._handshake = None
+        return new
+
+    # ------------------------------------------------------------------ inbound
+
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        """Feed bytes read from the socket."""
+        state = self.state
+        if state is ConnectionState.CLOSED or not data:
+            return
+        self._now = now
+        if state is ConnectionState.HANDSHAKE:
+            self._receive_handshake(data, now)
+            return
+        self._decoder.receive_data(data)
+        self._process_frames(now)
+
+    def receive_eof(self, now: float) -> None:
+        """The peer closed its side of the socket."""
+        if self.state is ConnectionState.CLOSED:
+            return
+        self._now = now
+        self._enter(Input.EOF)
+        self._emit_closed(1006, "connection lost")
+
+    def abort(self) -> None:
+        """The transport drops the socket (write error, forced removal)."""
+        if self.state is ConnectionState.CLOSED:
+            return
+        self._enter(Input.ABORT)
+        self._emit_closed(1006, "aborted")
+
+    def _receive_handshake(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        hs = self._handshake
+        assert hs is not None
+        hs.receive_data(data)
+        if hs.state is REJECTED:
+            assert hs.rejection is not None
+            self._write(hs.rejection)
+            self._enter(Input.REJECT)
+            self._emit_closed(1006, f"handshake rejected: {hs.error}")
+            return
+        if hs.state is not ACCEPTED:
+            return
+        request = hs.request
+        assert request is not None
+        self._write(hs.accept())
+        self.path = request.path
+        self.query = request.query
+        self.msgpack = request.wants_msgpack  # §1.1 / §5.2: substring test on the query
+        cookie = request.cookie
+        self.cookies = cookie or ""
+        jwt = self.config.jwt
+        if jwt is not None:
+            try:
+                identity = auth.authenticate(
+                    cookie, request.authorization, jwt, self._wall_ms() / 1000.0
+                )
+            except AuthError as exc:
+                self._reject_auth(exc)
+                return
+            self.user_id = identity.user_id
+            self.claims = identity.claims
+            self.acl = identity.acl
+            # §3.1: server_ready is the first frame, before the app hears of the connection.
+            self._write(
+                text_frame(
+                    envelope.server_ready(
+                        conn_id=self.conn_id,
+                        user_id=identity.user_id,
+                        recovery=self.config.recovery_enabled,
+                        wall_ms=self._wall_ms(),
+                        rand=self._rand,
+                    )
+                )
+            )
+        self._enter(Input.ACCEPT)
+        self._idle_deadline = now + self.config.idle_timeout
+        self._next_ping = now + self.config.ping_interval
+        self._events.append(
+            Connected(
+                user_id=self.user_id,
+                cookies=self.cookies,
+                claims=self.claims,
+                path=self.path,
+                query=self.query,
+                acl=self.acl,
+            )
+        )
+        trailing = hs.trailing_data
+        self._handshake = None
+        if trailing:
+            self._decoder.receive_data(trailing)
+            self._process_frames(now)
+
+    def _reject_auth(self, exc: AuthError) -> None:
+        """K4 / §1.3: 101 already queued, then one error frame and Close 4401."""
+        code = exc.error_code or "AUTH_FAILED"
+        self._events.append(AuthRejected(code, exc.message))
+        self._write(text_frame(envelope.auth_error(code, exc.message, self._wall_ms())))
+        self._write(encode_close(4401, "Authentication failed"))
+        self._enter(Input.AUTH_FAIL)
+        self._emit_closed(4401, "Authentication failed", exc)
+
+    def _process_frames(self, now: float) -> None:
+        decoder = self._decoder
+        while True:
+            try:
+                batch = decoder.messages()
+            except WSEError as exc:
+                self._fail(exc)
+                return
+            if not batch:
+                return
+            for opcode, payload in batch:
+                if self.state is ConnectionState.CLOSED:
+                    return
+                if opcode == CLOSE:
+                    self._on_close_frame(payload)
+                    return
+                if not self._open:  # CLOSING: RFC 6455 §5.5.1, data after our Close is dropped
+                    continue
+                if opcode == TEXT:
+                    self._idle_deadline = now + self.config.idle_timeout
+                    self._on_text(payload, now)
+                elif opcode == BINARY:
+                    self._idle_deadline = now + self.config.idle_timeout
+                    self._on_binary(payload, now)
+                elif opcode == PING:
+                    # F3: exactly one pong, echoing the payload (RFC 6455 §5.5.3).
+                    self._write(encode_frame(PONG, payload))
+                # PONG control frames: no activity, nothing to do (§6.3).
+
+    def _fail(self, exc: WSEError) -> None:
+        """Fail the connection on a protocol error from the peer (RFC 6455 §7.1.7)."""
+        if self.state is ConnectionState.OPEN:
+            if isinstance(exc, PayloadTooLarge):
+                # §6.4: the original answers oversize messages with a status-less Close.
+                self._write(_STATUSLESS_CLOSE)
+                code: int | None = None
+                reason = "message too large"
+            else:
+                code = exc.close_code or 1002
+                reason = _close_reason(exc)
+                self._write(encode_close(code, reason))
+            self._enter(Input.PEER_ERROR)
+            self._emit_closed(code, reason, exc)
+        else:
+            self._enter(Input.PEER_ERROR)
+            self._emit_closed(1002, "protocol error", exc)
+
+    def _on_close_frame(self, payload: bytes) -> None:
+        code, reason = parse_close(payload)  # the decoder already validated it
+        if self.state is ConnectionState.OPEN:
+            # RFC 6455 §5.5.1: echo; the original echoes code and reason verbatim.
+            self._write(encode_frame(CLOSE, payload))
+        self._enter(Input.RECV_CLOSE)
+        self._emit_closed(code, reason)
+
+    def _on_text(self, payload: bytes, now: float) -> None:
+        try:
+            text = decode_text(payload)
+        except DecodeError as exc:  # RFC 6455 §8.1: invalid UTF-8 fails the connection
+            self._fail(exc)
+            return
+        try:
+            inbound = codec.decode_client_text(text)
+        except WSEError:
+            self._events.append(TextReceived(text))
+            return
+        raw_type = inbound.raw_type
+        if raw_type is not None and inbound.kind == "msg":
+            # §3.2: three types are handled by the transport and never reach the app.
+            if raw_type == "client_hello":
+                self._on_client_hello(inbound.value)
+                return
+            if raw_type == "ping":
+                client_ms = envelope.ping_client_timestamp(inbound.value)
+                self._write(text_frame(envelope.pong(client_ms, self._wall_ms())))
+                return
+            if raw_type == "pong" or raw_type == "PONG":
+                return
+        self._deliver(inbound)
+
+    def _deliver(self, inbound: codec.Inbound) -> None:
+        kind = inbound.kind
+        if kind == "msg":
+            self._events.append(MessageReceived(inbound.value))
+        elif kind == "raw":
+            self._events.append(TextReceived(inbound.value))
+        else:
+            self._events.append(BytesReceived(inbound.value))
+
+    def _on_binary(self, payload: bytes, now: float) -> None:
+        if payload[:2] == b"E:":
+            self._on_encrypted(payload)
+            return
+        try:
+            inbound = codec.decode_client_binary(payload, msgpack=self.msgpack)
+        except WSEError:
+            self._events.append(BytesReceived(payload))
+            return
+        self._deliver(inbound)
+
+    def _on_encrypted(self, payload: bytes) -> None:
+        """§4.4: decrypt; any failure drops the frame (K10) with a DecryptFailed event."""
+        session = self._session
+        if session is None:
+            self._decrypt_failed("no key negotiated")
+            return
+        try:
+            plain = session.decrypt(payload)
+        except DecryptionError as exc:
+            self._decrypt_failed(exc.message)
+            return
+        try:
+            text = plain.decode("utf-8")
+        except UnicodeDecodeError:
+            self._decrypt_failed("plaintext is not UTF-8")
+            return
+        try:
+            inbound = codec.decode_client_text(text)
+        except WSEError:
+            self._decrypt_failed("plaintext is not valid JSON")
+            return
+        # Encrypted text that looks like JSON but does not parse is dropped, not raw.
+        if inbound.kind == "raw" and text.startswith(_LEGACY_JSON_STARTS):
+            self._decrypt_failed("plaintext is not valid JSON")
+            return
+        # Encrypted client_hello/ping/pong are not intercepted (§3.2): plain delivery.
+        self._deliver(inbound)
+
+    def _decrypt_failed(self, reason: str) -> None:
+        self.decrypt_failures += 1
+        self._events.append(DecryptFailed(reason))
+
+    def _on_client_hello(self, value: Any) -> None:
+        """§3.1/§4.2: answer with server_hello; key exchange at most once per connection."""
+        p = value.get("p") if isinstance(value, dict) else None
+        version = _hello_protocol_version(p)
+        public_key: str | None = None
+        if self._session is None and isinstance(p, dict):
+            features = p.get("features")
+            client_key = p.get("encryption_public_key")
+            if (
+                isinstance(features, dict)
+                and features.get("encryption") is True
+                and isinstance(client_key, str)
+            ):
+                try:
+                    session, public_key = server_key_exchange(client_key, self._rand)
+                except KeyExchangeError as exc:
+                    self._events.append(KeyExchangeFailed(exc.message))
+                    self._write(text_frame(envelope.key_exchange_failed(exc.message)))
+                else:
+                    self._session = session
+        config = self.config
+        self._write(
+            text_frame(
+                envelope.server_hello(
+                    conn_id=self.conn_id,
+                    encryption_public_key=public_key,
+                    cluster=bool(config.cluster_connected()),
+                    recovery=config.recovery_enabled,
+                    protocol_version=version,
+                    max_message_size=config.max_message_size,
+                    rate_limit_capacity=config.rate_limit_capacity,
+                    rate_limit_refill=config.rate_limit_refill,
+                    ping_interval_s=config.ping_interval,
+                    wall_ms=self._wall_ms(),
+                    server_version=config.server_version,
+                )
+            )
+        )
+        self._events.append(HelloReceived(version, public_key is not None))
+
+    # ------------------------------------------------------------------ outbound
+
+    def _check_send(self) -> bool:
+        """True if the message may be queued; False if it is dropped (closing/closed)."""
+        if self._open:
+            return True
+        self._transition(Input.SEND)  # raises LocalProtocolError during the handshake
+        return False
+
+    def send_event(
+        self,
+        event: Mapping[str, Any],
+        *,
+        now: float,
+        compression_threshold: int = 1024,
+    ) -> int:
+        """Envelope + encode one application event (§2.3, §2.4); returns the payload size.
+
+        Returns 0 when the rate limiter drops it (§6.2) or the connection is closing.
+        Dedup by ``id`` is server-wide and done by the hub before this call.
+        """
+        if not self._check_send():
+            return 0
+        self._now = now
+        config = self.config
+        bucket = self._bucket
+        if bucket is None:
+            bucket = self._bucket = TokenBucket(
+                config.rate_limit_capacity, config.rate_limit_refill, now
+            )
+        tokens = bucket.refill(now)
+        if tokens < 1.0:
+            self.rate_limited_count += 1
+            last = self._last_limited
+            if last is None or now - last >= 1.0:
+                self._last_limited = now
+                self._write(text_frame(envelope.rate_limited()))
+                self._events.append(RateLimited())
+            return 0
+        capacity = bucket.capacity
+        if tokens < 0.2 * capacity:
+            last = self._last_warning
+            if last is None or now - last >= 1.0:
+                self._last_warning = now
+                self._write(
+                    text_frame(
+                        envelope.rate_limit_warning(
+                            int(capacity - tokens), int(capacity), int(tokens)
+                        )
+                    )
+                )
+        bucket.take(1.0)
+        # §2.3: the server-wide counter advances only for events without their own seq.
+        built = envelope.build_event(
+            event,
+            wall_ms=self._wall_ms(),
+            rand=self._rand,
+            seq=self._next_seq() if "seq" not in event else 0,
+        )
+        session = self._session
+        if session is not None:
+            # F4: encrypted connections always get JSON plaintext, never compressed.
+            plain, _ = codec.encode_event(built, msgpack=False, compression_threshold=0)
+            payload = session.encrypt(plain)
+            self._write(binary_frame(payload))
+            return len(payload)
+        payload, is_binary = codec.encode_event(
+            built, msgpack=self.msgpack, compression_threshold=compression_threshold
+        )
+        self._write(binary_frame(payload) if is_binary else text_frame(payload))
+        return len(payload)
+
+    def send_text(self, text: str) -> None:
+        """A verbatim text frame (never encrypted, reference §2.4)."""
+        if self._check_send():
+            self._write(text_frame(text.encode("utf-8")))
+
+    def send_bytes(self, data: bytes) -> None:
+        """A verbatim binary frame (never encrypted)."""
+        if self._check_send():
+            self._write(binary_frame(bytes(data)))
+
+    def send_broadcast(self, frame: bytes, payload: bytes) -> None:
+        """Fan-out: ``frame`` is the text frame built once for every plain connection;
+        encrypted connections get their own ``E:`` frame of ``payload`` (§4.3, F5).
+        """
+        if not self._open:
+            self._check_send()
+            return
+        session = self._session
+        if session is None:
+            self._out.append(frame)
+            self.pending_bytes += len(frame)
+        else:
+            data = binary_frame(session.encrypt(payload))
+            self._out.append(data)
+            self.pending_bytes += len(data)
+
+    def close(
+        self, code: int | None = None, reason: str = "", *, now: float | None = None
+    ) -> None:
+        """Start the close handshake. ``code=None`` sends a status-less Close (K7).
+
+        ``now`` starts the ``close_timeout`` clock; by default the last time this
+        machine was given.
+        """
+        state = self.state
+        if state is ConnectionState.OPEN:
+            frame = encode_close(code, reason)  # LocalProtocolError on a bad code
+            self._write(frame)
+            self._enter(Input.CLOSE)
+            if now is not None:
+                self._now = now
+            self._close_deadline = self._now + self.config.close_timeout
+            self._emit_closed(code, reason)
+        else:
+            self._enter(Input.CLOSE)
+            if state is ConnectionState.HANDSHAKE:
+                self._emit_closed(1006, reason or "closed during the handshake")
+
+    # ------------------------------------------------------------------ timers
+
+    def next_deadline(self) -> float | None:
+        """The earliest time :meth:`handle_timer` has work to do, or None."""
+        state = self.state
+        if state is ConnectionState.OPEN:
+            ping = self._next_ping
+            idle = self._idle_deadline
+            assert ping is not None and idle is not None
+            return ping if ping < idle else idle
+        if state is ConnectionState.HANDSHAKE:
+            return self._handshake_deadline
+        if state is ConnectionState.CLOSING:
+            return self._close_deadline
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        """Run whatever is due at ``now`` (deadlines are inclusive)."""
+        state = self.state
+        if state is not ConnectionState.CLOSED:
+            self._now = now
+        if state is ConnectionState.OPEN:
+            idle = self._idle_deadline
+            assert idle is not None
+            if now >= idle:
+                # F2 / K7: an idle connection gets a status-less Close.
+                self._write(_STATUSLESS_CLOSE)
+                self._enter(Input.IDLE_TIMEOUT)
+                self._close_deadline = now + self.config.close_timeout
+                self._emit_closed(None, "idle timeout")
+                return
+            ping = self._next_ping
+            assert ping is not None
+            if now >= ping:
+                self._transition(Input.PING_DUE)
+                self._write(text_frame(envelope.server_ping(self._wall_ms())))
+                interval = self.config.ping_interval
+                ping += interval
+                if ping <= now:  # the transport was late: skip, do not burst
+                    ping += (int((now - ping) / interval) + 1) * interval
+                self._next_ping = ping
+        elif state is ConnectionState.HANDSHAKE:
+            deadline = self._handshake_deadline
+            if deadline is not None and now >= deadline:
+                self._enter(Input.HANDSHAKE_TIMEOUT)
+                self._emit_closed(1006, "handshake timeout")
+        elif state is ConnectionState.CLOSING:
+            deadline = self._close_deadline
+            if deadline is not None and now >= deadline:
+                self._enter(Input.CLOSE_TIMEOUT)
