@@ -14,7 +14,7 @@ import random
 import timeit
 from collections.abc import Callable
 
-from wsproto.frame_protocol import FrameProtocol
+from wsproto.frame_protocol import Frame, FrameProtocol
 
 from wse_proto.ws import TEXT, FrameDecoder, apply_mask, encode_frame, text_frame
 
@@ -51,47 +51,47 @@ def main() -> None:
         spans.append((pos + hdr, pos + hdr + 4, pos + hdr + 4 + len(p)))
         pos += hdr + 4 + len(p)
 
-    def decode_ours() -> object:
+    def decode_ours() -> list[tuple[int, bytes]]:
         dec = FrameDecoder(client_side=False)
-        out = []
+        out: list[tuple[int, bytes]] = []
         for chunk in chunks:
             dec.receive_data(chunk)
             out.extend(dec.messages())
         assert len(out) == FRAMES
         return out
 
-    def decode_wsproto() -> object:
+    def decode_wsproto() -> list[Frame]:
         proto = FrameProtocol(client=False, extensions=[])
-        out = []
+        out: list[Frame] = []
         for chunk in chunks:
             proto.receive_bytes(chunk)
             out.extend(f for f in proto.received_frames() if f.message_finished)
         assert len(out) == FRAMES  # frames split across reads come out in parts
         return out
 
-    def decode_baseline() -> object:
+    def decode_baseline() -> list[bytes]:
         buf = stream
         return [apply_mask(buf[p0:end], buf[m0:p0]) for m0, p0, end in spans]
 
     headers = [bytes((0x81, len(p))) if len(p) < 126 else None for p in payloads]
     small = [(h, p) for h, p in zip(headers, payloads) if h is not None]
 
-    def encode_ours() -> object:
+    def encode_ours() -> list[bytes]:
         return [text_frame(p) for _, p in small]
 
-    def encode_generic() -> object:
+    def encode_generic() -> list[bytes]:
         return [encode_frame(TEXT, p) for _, p in small]
 
     server = FrameProtocol(client=False, extensions=[])
 
-    def encode_wsproto() -> object:
+    def encode_wsproto() -> list[bytearray]:
         return [server.send_data(p.decode()) for _, p in small]
 
-    def encode_baseline() -> object:
+    def encode_baseline() -> list[bytes]:
         return [h + p for h, p in small]
 
     assert encode_ours() == encode_baseline() == [bytes(f) for f in encode_wsproto()]
-    assert [p for _, p in decode_ours()] == decode_baseline()  # type: ignore[attr-defined]
+    assert [p for _, p in decode_ours()] == decode_baseline()
 
     n_dec = FRAMES
     n_enc = len(small)

@@ -6,6 +6,7 @@ import base64
 import json
 import pathlib
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -71,13 +72,13 @@ def raw_frame(
     return head + payload
 
 
-def decode_all(data: bytes, *, client_side: bool, **kw: int) -> list[tuple[int, bytes]]:
+def decode_all(data: bytes, *, client_side: bool, **kw: Any) -> list[tuple[int, bytes]]:
     dec = FrameDecoder(client_side=client_side, **kw)
     dec.receive_data(data)
     return dec.messages()
 
 
-def error_of(data: bytes, *, client_side: bool, **kw: int) -> WSEError:
+def error_of(data: bytes, *, client_side: bool, **kw: Any) -> WSEError:
     dec = FrameDecoder(client_side=client_side, **kw)
     dec.receive_data(data)
     with pytest.raises(WSEError) as info:
@@ -169,9 +170,7 @@ CAPTURED_SERVER_FRAMES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "rec", CAPTURED_SERVER_FRAMES, ids=lambda r: str(r["description"])[:40]
-)
+@pytest.mark.parametrize("rec", CAPTURED_SERVER_FRAMES, ids=lambda r: str(r["description"])[:40])
 def test_captured_server_frame_headers(rec: dict[str, object]) -> None:
     payload = _payload(rec)
     assert len(payload) == rec["length"]
@@ -352,6 +351,17 @@ def test_messages_before_an_error_are_returned_then_the_error() -> None:
     dec.receive_data(raw_frame(TEXT, b"more", mask=MASK))
     with pytest.raises(DecodeError):
         dec.messages()
+
+
+def test_bad_utf8_in_a_first_fragment_fails_before_the_message_ends() -> None:
+    dec = FrameDecoder(client_side=True)
+    dec.receive_data(raw_frame(TEXT, b"ok \xff", fin=False))
+    with pytest.raises(DecodeError) as info:
+        dec.messages()
+    assert info.value.close_code == 1007
+    unchecked = FrameDecoder(client_side=True, validate_utf8=False)
+    unchecked.receive_data(raw_frame(TEXT, b"\xff", fin=False) + raw_frame(CONTINUATION, b"!"))
+    assert unchecked.messages() == [(TEXT, b"\xff!")]
 
 
 def test_validate_utf8_off_leaves_checking_to_decode_text() -> None:

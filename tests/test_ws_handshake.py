@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import pathlib
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -63,7 +64,7 @@ def feed(data: bytes, **kw: int) -> ServerHandshake:
     return hs
 
 
-def fixed_rand(key_b64: str):  # type: ignore[no-untyped-def]
+def fixed_rand(key_b64: str) -> Callable[[int], bytes]:
     raw = base64.b64decode(key_b64)
 
     def rand(n: int) -> bytes:

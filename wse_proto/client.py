@@ -356,8 +356,10 @@ class ClientConnection(_StateMachine):
         except ValueError:
             return
         p = parsed.get("p") if isinstance(parsed, dict) else None
-        sent = p.get("client_timestamp") if isinstance(p, dict) else None
-        if isinstance(sent, int) and not isinstance(sent, bool):
+        if not isinstance(p, dict):
+            return
+        sent = p.get("client_timestamp")
+        if type(sent) is int:
             self._events.append(PongReceived(self._wall_ms() - sent, p))
 
     def _on_ping(self, text: str) -> None:
@@ -563,9 +565,7 @@ class ClientConnection(_StateMachine):
             )
         return ts
 
-    def close(
-        self, code: int | None = 1000, reason: str = "", *, now: float | None = None
-    ) -> None:
+    def close(self, code: int | None = 1000, reason: str = "", *, now: float | None = None) -> None:
         """Start the close handshake (wse-client closes with 1000)."""
         state = self.state
         if state is ConnectionState.OPEN:

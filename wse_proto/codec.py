@@ -44,7 +44,7 @@ MSGPACK_MAX_DEPTH: Final = 64
 _ZLIB_SECOND_BYTES: Final = frozenset({0x01, 0x5E, 0x9C, 0xDA})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Inbound:
     """One decoded client frame, as the server hands it to the application (ref §3.3).
 
@@ -56,7 +56,21 @@ class Inbound:
 
     kind: Literal["msg", "raw", "bin"]
     value: Any
-    raw_type: str | None = None
+    raw_type: str | None
+
+    def __init__(
+        self, kind: Literal["msg", "raw", "bin"], value: Any, raw_type: str | None = None
+    ) -> None:
+        # Set through the slot descriptors: the frozen __setattr__ path costs twice as
+        # much, and one Inbound is made per received message.
+        _set_kind(self, kind)
+        _set_value(self, value)
+        _set_raw_type(self, raw_type)
+
+
+_set_kind = getattr(Inbound, "kind").__set__  # noqa: B009
+_set_value = getattr(Inbound, "value").__set__  # noqa: B009
+_set_raw_type = getattr(Inbound, "raw_type").__set__  # noqa: B009
 
 
 # --------------------------------------------------------------------------------------
@@ -143,13 +157,10 @@ def encode_event(
     if msgpack:
         # Re-parsing the sorted JSON gives dicts in sorted order at every level (orjson
         # keeps document order), which is the map order the original writes.
-        return b"M:" + _packb(orjson.loads(body)), True
+        return b"M:" + _msgpack.packb(orjson.loads(body), use_bin_type=True), True
     if 0 < compression_threshold < len(body):
         return b"C:" + zlib.compress(body, 1), True
     return body, True
-
-
-_packb = _msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
 # --------------------------------------------------------------------------------------
@@ -172,13 +183,23 @@ def decode_server_message(
     non-objects wrapped as ``{"data": x}``); a legacy prefix sets ``c``.
     Frames or decompressed payloads above ``max_size`` raise PayloadTooLarge.
     """
-    if isinstance(data, str):
-        if len(data) > max_size:
-            raise PayloadTooLarge(f"text frame of {len(data)} characters", close_code=1009)
-        return _decode_text_frame(data)
-    data = bytes(data)
+    if type(data) is not bytes:
+        if isinstance(data, str):
+            if len(data) > max_size:
+                raise PayloadTooLarge(f"text frame of {len(data)} characters")
+            return _decode_text_frame(data)
+        data = bytes(data)
     if len(data) > max_size:
         raise PayloadTooLarge(f"binary frame of {len(data)} bytes")
+    if data[:1] == b"{":
+        # Hot path (send_event output): JSON in a binary frame. orjson checks the UTF-8;
+        # anything it rejects takes the full order below, so the result is the same.
+        try:
+            parsed = orjson.loads(data)
+        except ValueError:
+            pass
+        else:
+            return _events(parsed, None)
     head = data[:2]
     if head == b"C:":
         return _decode_text_frame(_utf8(zlib_decompress(data[2:], max_size)))
@@ -215,7 +236,10 @@ def _decrypt(frame: bytes, decrypt: Callable[[bytes], bytes] | None) -> str:
 
 
 def _decode_text_frame(text: str) -> list[dict[str, Any]]:
-    category, body = strip_legacy_prefix(text)
+    if text[:1] == "{":
+        category, body = None, text
+    else:
+        category, body = strip_legacy_prefix(text)
     try:
         parsed = orjson.loads(body)
     except ValueError as exc:
@@ -308,15 +332,32 @@ class _BadStr:
 
 
 _BAD_STR: Final = _BadStr()
-_CONTAINER_BYTES: Final = bytes(range(0x80, 0xA0)) + b"\xdc\xdd\xde\xdf"
-_SPECIAL_BYTES: Final = bytes(range(0xC4, 0xCC)) + bytes(range(0xD4, 0xD9))  # bin ext float
+
+
+def _byte_classes() -> bytes:
+    """Translation table sorting bytes into the markers the fast path cares about:
+    ``C`` container header, ``X`` bin/ext header, ``F`` float header, ``N`` a byte that
+    starts an all-ones exponent after a float header (NaN/inf), ``.`` anything else."""
+    table = bytearray(b"." * 256)
+    for b in [*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF]:
+        table[b] = ord("C")
+    for b in [*range(0xC4, 0xCA), *range(0xD4, 0xD9)]:
+        table[b] = ord("X")
+    table[0xCA] = table[0xCB] = ord("F")
+    table[0x7F] = table[0xFF] = ord("N")
+    return bytes(table)
+
+
+_CLASSES: Final = _byte_classes()
 
 
 class _NeedSlowPath(Exception):
     pass
 
 
-def msgpack_loads(data: bytes, *, max_depth: int = MSGPACK_MAX_DEPTH, allow_trailing: bool = False) -> Any:
+def msgpack_loads(
+    data: bytes, *, max_depth: int = MSGPACK_MAX_DEPTH, allow_trailing: bool = False
+) -> Any:
     """Decode one msgpack value into JSON data, the way the original maps it (ref §5.2).
 
     nil -> None, ints as is, floats as is (NaN/inf -> None), str -> str (invalid UTF-8 ->
@@ -328,13 +369,15 @@ def msgpack_loads(data: bytes, *, max_depth: int = MSGPACK_MAX_DEPTH, allow_trai
     The C extension does the work when it can; inputs it cannot map exactly (non-string
     keys, invalid UTF-8, timestamps, errors) go through a pure-Python decoder.
     """
-    data = bytes(data)
+    if type(data) is not bytes:
+        data = bytes(data)
     n = len(data)
-    if len(data.translate(None, _CONTAINER_BYTES)) >= n - max_depth:
-        # Fewer container markers than the limit: the depth cannot be exceeded.
-        deep = False
-    else:
-        deep = True
+    # One pass over the bytes tells whether the C result may need fixing. Every container
+    # starts with a "C" byte: with no more of them than the limit (the usual case) the
+    # depth cannot be exceeded. Without "X" (bin/ext) and "FN" (float that may be NaN or
+    # inf) nothing needs mapping. Bytes inside strings only cause a needless walk.
+    classes = data.translate(_CLASSES)
+    deep = classes.count(b"C") > max_depth
     try:
         try:
             value = _msgpack.unpackb(data, ext_hook=_Ext, strict_map_key=True)
@@ -342,9 +385,9 @@ def msgpack_loads(data: bytes, *, max_depth: int = MSGPACK_MAX_DEPTH, allow_trai
             if not allow_trailing:
                 raise DecodeError("bytes after the msgpack value") from None
             value = extra.unpacked
-        if len(data.translate(None, _SPECIAL_BYTES)) != n:
+        if b"X" in classes or b"FN" in classes:
             return _fix(value, 0, max_depth)
-        if deep:
+        if deep and (type(value) is list or type(value) is dict):
             _check_depth(value, 0, max_depth)
         return value
     except DecodeError:

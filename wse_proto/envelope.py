@@ -90,23 +90,27 @@ _raw_decode = json.JSONDecoder().raw_decode
 _MISSING: Final = object()
 
 
+def _skip_ws(text: str, pos: int) -> int:
+    m = _WS.match(text, pos)
+    return m.end() if m else pos
+
+
 def _first_top_level(text: str, key: str) -> Any:
     """Value of the first top-level member named ``key`` of an already validated object.
 
     Needed because a JSON parser keeps the *last* duplicate, while the original reads the
     first one; values before it are skipped with the C scanner of :mod:`json`.
     """
-    skip = _WS.match
-    pos = skip(text, text.index("{") + 1).end()
+    pos = _skip_ws(text, text.index("{") + 1)
     while text[pos] != "}":
         name, pos = _raw_decode(text, pos)
-        pos = skip(text, skip(text, pos).end() + 1).end()  # past ':'
+        pos = _skip_ws(text, _skip_ws(text, pos) + 1)  # past ':'
         value, pos = _raw_decode(text, pos)
         if name == key:
             return value
-        pos = skip(text, pos).end()
+        pos = _skip_ws(text, pos)
         if text[pos] == ",":
-            pos = skip(text, pos + 1).end()
+            pos = _skip_ws(text, pos + 1)
     return _MISSING
 
 
@@ -193,8 +197,7 @@ def format_ts(wall_ms: int) -> str:
         except OverflowError:
             raise LocalProtocolError(f"timestamp out of range: {wall_ms} ms") from None
         prefix = (
-            f"{d.year:04d}-{d.month:02d}-{d.day:02d}"
-            f"T{d.hour:02d}:{d.minute:02d}:{d.second:02d}"
+            f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}"
         )
         _ts_last = (seconds, prefix)  # one tuple, replaced atomically
     return f"{prefix}.{millis:03d}Z"
@@ -258,8 +261,8 @@ def _conv_other(obj: Any) -> Any:
         value = int.__index__(obj)
         return value if I64_MIN <= value <= I64_MAX else _plain_str(value)
     if isinstance(obj, float):
-        value = float.__float__(obj)
-        return value if math.isfinite(value) else None
+        number = float.__float__(obj)
+        return number if math.isfinite(number) else None
     if isinstance(obj, str):
         return str.__str__(obj)
     if isinstance(obj, dict):
@@ -526,4 +529,6 @@ def server_hello(
 def presence_event(t: str, user_id: str, data: Any) -> bytes:
     """``presence_join`` / ``presence_leave`` / ``presence_update`` text (ref §3.1, §8):
     keys sorted, ``c`` always ``WSE``, no ``v``."""
-    return dumps_server({"c": "WSE", "p": {"data": to_json_value(data), "user_id": user_id}, "t": t})
+    return dumps_server(
+        {"c": "WSE", "p": {"data": to_json_value(data), "user_id": user_id}, "t": t}
+    )

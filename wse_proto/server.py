@@ -189,19 +189,14 @@ class _StateMachine:
 
 _U64_LIMIT: Final = 1 << 64
 _MAX_PROTOCOL_VERSION: Final = 2
-_LEGACY_JSON_STARTS: Final = ("{", "WSE{", "S{", "U{")
 _STATUSLESS_CLOSE: Final = encode_close(None)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _hello_protocol_version(p: object) -> int:
     """§3.1: ``min(client protocol_version, 2)``; 1 when absent or not a u64."""
     version = p.get("protocol_version") if isinstance(p, dict) else None
-    if _is_int(version) and 0 <= version < _U64_LIMIT:  # type: ignore[operator]
-        return min(int(version), _MAX_PROTOCOL_VERSION)  # type: ignore[call-overload]
+    if type(version) is int and 0 <= version < _U64_LIMIT:
+        return min(version, _MAX_PROTOCOL_VERSION)
     return 1
 
 
@@ -523,11 +518,7 @@ class ServerConnection(_StateMachine):
         except DecodeError as exc:  # RFC 6455 §8.1: invalid UTF-8 fails the connection
             self._fail(exc)
             return
-        try:
-            inbound = codec.decode_client_text(text)
-        except WSEError:
-            self._events.append(TextReceived(text))
-            return
+        inbound = codec.decode_client_text(text)
         raw_type = inbound.raw_type
         if raw_type is not None and inbound.kind == "msg":
             # §3.2: three types are handled by the transport and never reach the app.
@@ -555,12 +546,7 @@ class ServerConnection(_StateMachine):
         if payload[:2] == b"E:":
             self._on_encrypted(payload)
             return
-        try:
-            inbound = codec.decode_client_binary(payload, msgpack=self.msgpack)
-        except WSEError:
-            self._events.append(BytesReceived(payload))
-            return
-        self._deliver(inbound)
+        self._deliver(codec.decode_client_binary(payload, msgpack=self.msgpack))
 
     def _on_encrypted(self, payload: bytes) -> None:
         """§4.4: decrypt; any failure drops the frame (K10) with a DecryptFailed event."""
@@ -573,19 +559,10 @@ class ServerConnection(_StateMachine):
         except DecryptionError as exc:
             self._decrypt_failed(exc.message)
             return
-        try:
-            text = plain.decode("utf-8")
-        except UnicodeDecodeError:
-            self._decrypt_failed("plaintext is not UTF-8")
-            return
-        try:
-            inbound = codec.decode_client_text(text)
-        except WSEError:
-            self._decrypt_failed("plaintext is not valid JSON")
-            return
-        # Encrypted text that looks like JSON but does not parse is dropped, not raw.
-        if inbound.kind == "raw" and text.startswith(_LEGACY_JSON_STARTS):
-            self._decrypt_failed("plaintext is not valid JSON")
+        # §4.4: UTF-8, prefix rules; JSON that does not parse is dropped, not ``raw``.
+        inbound = codec.decode_client_plaintext(plain)
+        if inbound is None:
+            self._decrypt_failed("plaintext is not UTF-8 or not valid JSON")
             return
         # Encrypted client_hello/ping/pong are not intercepted (§3.2): plain delivery.
         self._deliver(inbound)
@@ -732,9 +709,7 @@ class ServerConnection(_StateMachine):
             self._out.append(data)
             self.pending_bytes += len(data)
 
-    def close(
-        self, code: int | None = None, reason: str = "", *, now: float | None = None
-    ) -> None:
+    def close(self, code: int | None = None, reason: str = "", *, now: float | None = None) -> None:
         """Start the close handshake. ``code=None`` sends a status-less Close (K7).
 
         ``now`` starts the ``close_timeout`` clock; by default the last time this

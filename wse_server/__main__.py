@@ -105,9 +105,9 @@ def _dev_banner(url: str, secret: bytes, token: str | None) -> str:
     if token is not None:
         lines.append(f"Token (sub={DEV_USER}, valid 24 h): {token}")
         snippet = (
-            "python -c \"import asyncio, wse_client; exec('async def m():\\n async with "
-            f"wse_client.connect({url!r}, token={token!r}) as c:\\n  async for e in c: "
-            "print(e.type, e.payload)'); asyncio.run(m())\""
+            'python -c "from wse_client import SyncWSEClient as C; '
+            f"c = C({url!r}, token={token!r}); c.connect(); "
+            '[print(e.type, e.payload) for e in iter(lambda: c.recv(timeout=60), None)]"'
         )
         lines.append("Try it with wse-client:")
         lines.append(snippet)
@@ -151,12 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     url = f"ws://{args.host}:{server.port}/wse"
     print(f"wse-py server listening on {url}", flush=True)
-    log.info(
-        "listening on %s (transport %s, auth %s)",
-        url,
-        args.transport,
-        f"JWT {algorithm}" if secret is not None else "off",
-    )
+    log.info("authentication: %s", f"JWT {algorithm}" if secret is not None else "off")
     if args.dev and secret is not None:
         token = None
         if algorithm == "HS256":

@@ -37,7 +37,10 @@ class DemoApp:
 
     def start(self) -> None:
         self.server.enable_drain_mode()
-        for target, name in ((self._drain_loop, "wse-demo-drain"), (self._tick_loop, "wse-demo-tick")):
+        for target, name in (
+            (self._drain_loop, "wse-demo-drain"),
+            (self._tick_loop, "wse-demo-tick"),
+        ):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)

@@ -30,8 +30,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from wse_proto._defaults import monotonic
+from wse_proto.server import ConnectionState
 
-from .base import InboundHook, Transport
+from .base import Transport
 
 if TYPE_CHECKING:
     from wse_proto.hub import ServerCore
@@ -50,6 +51,8 @@ CLOSE_FLUSH_TIMEOUT = 5.0
 """A closing socket whose peer never reads is aborted after this many seconds."""
 
 START_TIMEOUT = 10.0
+
+_HANDSHAKE = ConnectionState.HANDSHAKE
 
 
 class _Conn(asyncio.Protocol):
@@ -90,10 +93,16 @@ class _Conn(asyncio.Protocol):
         self.pump._lost(self)
 
     def pause_writing(self) -> None:
-        self.pump._backlog_changed(self)
+        # Called from inside transport.write(), with the pump's lock held: the flush
+        # records the backlog right after writing, nothing to do here.
+        pass
 
     def resume_writing(self) -> None:
-        self.pump._backlog_changed(self)
+        # The buffer drained below the low-water mark; report it outside this callback
+        # (it may run inside a write() that holds the lock).
+        loop = self.pump.loop
+        if loop is not None:
+            loop.call_soon(self.pump._backlog_changed, self)
 
 
 class AsyncioTransport(Transport):
@@ -111,12 +120,11 @@ class AsyncioTransport(Transport):
         *,
         host: str,
         port: int,
-        on_inbound: InboundHook | None = None,
         loop: str = "asyncio",
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         backlog: int = 1024,
     ) -> None:
-        super().__init__(core, lock, host=host, port=port, on_inbound=on_inbound)
+        super().__init__(core, lock, host=host, port=port)
         if loop not in ("asyncio", "uvloop"):
             raise ValueError(f"loop must be 'asyncio' or 'uvloop', not {loop!r}")
         self.loop_kind = loop
@@ -277,8 +285,11 @@ class AsyncioTransport(Transport):
         if server is not None:
             server.close()  # no new accepts
         with self.lock:
-            self.core.shutdown(monotonic())
+            self.core.shutdown()
             self._flush_locked()
+            for c in list(self._all):  # nothing to say to sockets still in the upgrade
+                if c.transport is not None and (c.conn is None or c.conn.state is _HANDSHAKE):
+                    c.transport.abort()
         deadline = monotonic() + grace
         while self._all and monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -345,9 +356,8 @@ class AsyncioTransport(Transport):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-        peer = transport.get_extra_info("peername")
         with self.lock:
-            conn = self.core.open_connection(monotonic(), peer=peer)
+            conn = self.core.open_connection(monotonic())
             if conn is None:  # draining or at max_connections: no HTTP answer
                 transport.abort()
                 return
@@ -366,7 +376,7 @@ class AsyncioTransport(Transport):
             return
         with self.lock:
             self.core.feed(conn, data, monotonic())
-            if c.pending and not _in_handshake(conn):
+            if c.pending and conn.state is not _HANDSHAKE:
                 c.pending = False
                 self._pending -= 1
             self._after_input(c)
@@ -376,7 +386,7 @@ class AsyncioTransport(Transport):
         if conn is None or c.lost:
             return
         with self.lock:
-            self.core.receive_eof(conn, monotonic())
+            self.core.eof(conn, monotonic())
             self._after_input(c)
 
     def _lost(self, c: _Conn) -> None:
@@ -389,23 +399,17 @@ class AsyncioTransport(Transport):
             self.core.connection_lost(conn, monotonic())
             self._forget(c)
             self._flush_locked()
-            if self.on_inbound is not None:
-                self.on_inbound()
 
     def _after_input(self, c: _Conn) -> None:
-        # Lock held.
-        core = self.core
+        # Lock held. The core already told the facade about new inbound events.
         self._flush_locked()
-        if not c.closing:
-            self._arm(c)
-        if self.on_inbound is not None:
-            self.on_inbound()
-        if not self._reading_paused and core.inbound_full():
+        self._settle(c)
+        if not self._reading_paused and self.core.inbound_full():
             self._pause_all()
 
     def _backlog_changed(self, c: _Conn) -> None:
         conn, transport = c.conn, c.transport
-        if conn is None or transport is None:
+        if conn is None or transport is None or c.lost:
             return
         with self.lock:
             conn.transport_backlog = transport.get_write_buffer_size()
@@ -446,15 +450,26 @@ class AsyncioTransport(Transport):
         if data and not c.closing:
             transport.write(data)
         conn.transport_backlog = transport.get_write_buffer_size()
-        if conn.wants_close and not c.closing:
+        self._settle(c)
+
+    def _settle(self, c: _Conn) -> None:
+        """Close the socket if the machine is done with it, else re-arm its timer."""
+        # Lock held.
+        if c.closing or c.lost:
+            return
+        conn = c.conn
+        if conn.wants_close:
+            transport = c.transport
+            assert transport is not None and self._loop is not None
+            if conn.pending_bytes:
+                transport.write(conn.data_to_send())
             c.closing = True
             transport.close()  # flushes what is buffered, then closes
             if c.timer is not None:
                 c.timer.cancel()
-            assert self._loop is not None
             c.timer = self._loop.call_later(CLOSE_FLUSH_TIMEOUT, transport.abort)
             c.timer_at = -math.inf  # never re-armed
-        elif not c.closing:
+        else:
             self._arm(c)
 
     # ------------------------------------------------------------------ timers
@@ -482,8 +497,7 @@ class AsyncioTransport(Transport):
             if transport is not None:
                 conn.transport_backlog = transport.get_write_buffer_size()
             self._flush_locked()
-            if not c.closing:
-                self._arm(c)
+            self._settle(c)
 
     # ------------------------------------------------------------------ backpressure
 
@@ -503,8 +517,3 @@ class AsyncioTransport(Transport):
                 if c.transport is not None and not c.lost and not c.closing:
                     with contextlib.suppress(Exception):
                         c.transport.resume_reading()
-
-
-def _in_handshake(conn: Any) -> bool:
-    """True while the machine has not finished the upgrade (counts toward the cap)."""
-    return bool(getattr(conn, "in_handshake", False))

@@ -16,6 +16,8 @@ Contract with the facade:
 - ``inbound_consumed()`` is called by the facade, with the lock held, after it popped
   inbound events, so a transport that paused reading (inbound queue full) can resume.
 - ``submit(fn)`` runs ``fn`` on the I/O side soon (thread-safe).
+- New inbound events are announced by the core itself (``core.on_inbound``, set by the
+  facade), from inside the transport's calls into the core.
 
 Transports are looked up by name with :func:`get_transport`; importing the registry never
 imports a transport's library (gevent stays optional).
@@ -34,8 +36,6 @@ if TYPE_CHECKING:
 
 __all__ = ["TRANSPORTS", "Transport", "available_transports", "get_transport"]
 
-InboundHook = Callable[[], None]
-
 
 class Transport(ABC):
     """Base class of the socket pumps that drive a ``ServerCore``."""
@@ -50,15 +50,11 @@ class Transport(ABC):
         *,
         host: str,
         port: int,
-        on_inbound: InboundHook | None = None,
     ) -> None:
         self.core = core
         self.lock = lock
         self.host = host
         self.port = port
-        # Called with the lock held after the core queued inbound events; the facade uses
-        # it to wake blocked drain_inbound() callers and async event iterators.
-        self.on_inbound = on_inbound
 
     @property
     @abstractmethod

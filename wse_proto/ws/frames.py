@@ -16,6 +16,7 @@ fragmented message (reference §6.4) and is checked as soon as a header is seen.
 
 from __future__ import annotations
 
+import codecs
 import struct
 from typing import Final
 
@@ -90,7 +91,8 @@ def apply_mask(data: bytes | bytearray | memoryview, mask: bytes | bytearray) ->
         return b""
     words = (n + 3) >> 2
     if words <= _REPUNIT_WORDS:
-        value = int.from_bytes(data, "little") ^ _U32LE.unpack(mask)[0] * _REPUNIT[words]
+        mask32: int = _U32LE.unpack(mask)[0]
+        value = int.from_bytes(data, "little") ^ mask32 * _REPUNIT[words]
         return value.to_bytes(words << 2, "little")[:n]
     rep = bytes(mask) * (n >> 2) + bytes(mask[: n & 3])
     return (int.from_bytes(data, "little") ^ int.from_bytes(rep, "little")).to_bytes(n, "little")
@@ -104,6 +106,17 @@ def decode_text(payload: bytes) -> str:
     """Decode a text message; invalid UTF-8 is a 1007 error (RFC 6455 §8.1)."""
     try:
         return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad("invalid UTF-8 in a text message", 1007) from None
+
+
+_Utf8Decoder: Final = codecs.getincrementaldecoder("utf-8")
+
+
+def _feed_utf8(decoder: codecs.IncrementalDecoder, part: bytes, final: bool) -> None:
+    """Check one fragment of a text message as it arrives (fail fast, RFC 6455 §8.1)."""
+    try:
+        decoder.decode(part, final)
     except UnicodeDecodeError:
         raise _bad("invalid UTF-8 in a text message", 1007) from None
 
@@ -139,7 +152,8 @@ class FrameDecoder:
     also between fragments. After a CLOSE the rest of the stream is ignored.
 
     Text payloads are returned as bytes. With ``validate_utf8=True`` (default)
-    they are checked and a bad one raises ``DecodeError`` with close code 1007;
+    they are checked (fragmented ones fragment by fragment, so a bad prefix fails
+    at once) and a bad one raises ``DecodeError`` with close code 1007;
     a caller that decodes anyway can pass ``False`` and use :func:`decode_text`,
     which raises the same error, so the text is decoded only once.
 
@@ -161,6 +175,7 @@ class FrameDecoder:
         "_mask_bit",
         "_max",
         "_need",
+        "_utf8",
         "_validate",
     )
 
@@ -182,6 +197,7 @@ class FrameDecoder:
         self._frag_op = 0
         self._frag_parts: list[bytes] = []
         self._frag_size = 0
+        self._utf8: codecs.IncrementalDecoder | None = None
         self._error: DecodeError | None = None
         self._closed = False
 
@@ -306,22 +322,30 @@ class FrameDecoder:
                     out.append((opcode, payload))
                 elif b0 & 0x80:
                     if opcode == CONTINUATION:
+                        if self._utf8 is not None:
+                            _feed_utf8(self._utf8, payload, True)
+                            self._utf8 = None
                         self._frag_parts.append(payload)
                         payload = b"".join(self._frag_parts)
                         opcode = self._frag_op
                         self._frag_op = 0
                         self._frag_parts = []
                         self._frag_size = 0
-                    if opcode == TEXT and self._validate and not payload.isascii():
+                    elif opcode == TEXT and self._validate and not payload.isascii():
                         decode_text(payload)
                     out.append((opcode, payload))
                 elif opcode == CONTINUATION:
+                    if self._utf8 is not None:
+                        _feed_utf8(self._utf8, payload, False)
                     self._frag_parts.append(payload)
                     self._frag_size += length
                 else:
                     self._frag_op = opcode
                     self._frag_parts = [payload]
                     self._frag_size = length
+                    if opcode == TEXT and self._validate:
+                        self._utf8 = _Utf8Decoder()
+                        _feed_utf8(self._utf8, payload, False)
         except DecodeError as exc:
             self._error = exc
             self._chunks = []
