@@ -30,14 +30,14 @@ def _upgrade_request(rng: random.Random) -> bytes:
     )
 
 
-def _core_with_subscribers(n: int) -> tuple[ServerCore, list[ServerConnection]]:
+def _core_with_subscribers(n: int) -> ServerCore:
     rng = random.Random(n)
     core = ServerCore(
         CoreConfig(max_connections=n + 1),
         rand=rng.randbytes,
         wall_ms=lambda: 1_795_000_000_000,
     )
-    conns = []
+    conns: list[ServerConnection] = []
     for _ in range(n):
         conn = core.open_connection(0.0)
         assert conn is not None
@@ -48,12 +48,12 @@ def _core_with_subscribers(n: int) -> tuple[ServerCore, list[ServerConnection]]:
         core.data_to_send(conn)
     for conn in conns:
         core.subscribe(conn.conn_id, ["prices"])
-    return core, conns
+    return core
 
 
 def _time_core(n: int) -> float:
     """Best seconds per delivery over ROUNDS rounds of PER_ROUND publications."""
-    core, conns = _core_with_subscribers(n)
+    core = _core_with_subscribers(n)
     best = float("inf")
     for _ in range(ROUNDS):
         start = time.perf_counter()

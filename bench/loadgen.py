@@ -408,7 +408,7 @@ def run_fanout(job: dict[str, Any], ctl: Control) -> None:
     expect = 0
     remaining = 0
     deadline = 0.0
-    t_go = t_first = t_last = 0.0
+    t_go = t_first = t_last = cpu_go = user_go = 0.0
     counting = False
     dead = 0
     while True:
@@ -424,6 +424,8 @@ def run_fanout(job: dict[str, Any], ctl: Control) -> None:
                         remaining = sum(1 for counter in counters if not counter.closed)
                         deadline = time.monotonic() + float(msg.get("seconds", 30.0))
                         t_go = time.monotonic()
+                        cpu_go = time.process_time()
+                        user_go = os.times().user
                         t_first = t_last = 0.0
                         counting = True
                         ctl.send(event="counting")
@@ -474,6 +476,8 @@ def run_fanout(job: dict[str, Any], ctl: Control) -> None:
                 t_first=t_first,
                 t_last=t_last if complete == len(counters) else time.monotonic(),
                 timed_out=remaining > 0,
+                cpu=time.process_time() - cpu_go,
+                user=os.times().user - user_go,
             )
 
 
@@ -510,6 +514,7 @@ def run_inbound(job: dict[str, Any], ctl: Control) -> None:
             sel.register(c.sock, selectors.EVENT_WRITE | selectors.EVENT_READ, i)
         view = memoryview(block)
         t_go = time.monotonic()
+        cpu_go = time.process_time()
         sent_bytes = 0
         received = 0
         errors = 0
@@ -559,6 +564,7 @@ def run_inbound(job: dict[str, Any], ctl: Control) -> None:
             received_bytes=received,
             errors=errors,
             timed_out=bool(left),
+            cpu=time.process_time() - cpu_go,
         )
 
 
@@ -829,6 +835,13 @@ def spawn_worker(job: dict[str, Any], *, name: str, cwd: str, env: dict[str, str
     child = Child([sys.executable, "-m", "bench.loadgen"], name=name, cwd=cwd, env=env)
     child.send(**job)
     return child
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (all threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:

@@ -70,9 +70,7 @@ def upgrade(conn: ClientConnection, now: float = 0.0) -> bytes:
         for line in req.split(b"\r\n")
         if line.lower().startswith(b"sec-websocket-key:")
     )
-    accept = base64.b64encode(
-        hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-    )
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
     conn.receive_data(
         b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
         b"sec-websocket-accept: " + accept + b"\r\n\r\n",
@@ -158,9 +156,7 @@ def test_client_hello_after_server_ready_like_wse_client(encryption: bool) -> No
     ours = json.loads(payload)
 
     # What wse-client 2.5.1 itself sends in the same situation.
-    manager = ConnectionManager(
-        "ws://h/wse", security=SecurityManager() if encryption else None
-    )
+    manager = ConnectionManager("ws://h/wse", security=SecurityManager() if encryption else None)
     sent: list[str] = []
 
     async def capture(data: str) -> bool:
@@ -196,7 +192,10 @@ def test_encryption_key_from_server_hello_then_everything_is_encrypted() -> None
     server_hello = {
         "c": "WSE",
         "t": "server_hello",
-        "p": {"features": {"encryption": True}, "encryption_public_key": server_pair.public_key_b64},
+        "p": {
+            "features": {"encryption": True},
+            "encryption_public_key": server_pair.public_key_b64,
+        },
         "v": 1,
     }
     conn.receive_data(text(server_hello), 0.2)
@@ -262,7 +261,9 @@ def test_heartbeat_detection_is_wse_clients_25_character_rule() -> None:
     assert json.loads(ping) == {"c": "WSE", "t": "ping", "p": {"timestamp": T0}, "v": 1}
     assert conn.next_deadline() == 30.0
     clock.ms += 35
-    literal = b'{"c":"WSE","t":"PONG","p":{"client_timestamp":%d,"server_timestamp":1,"latency":0},"v":1}'
+    literal = (
+        b'{"c":"WSE","t":"PONG","p":{"client_timestamp":%d,"server_timestamp":1,"latency":0},"v":1}'
+    )
     conn.receive_data(frame(1, literal % T0), 15.1)
     assert conn.events_received() == [PongReceived(35)]
     # Key-sorted, "t" is past the 25th character: wse-client would not see a PONG either.

@@ -148,9 +148,7 @@ class Pair:
         """Move the virtual clock, firing every deadline on the way, in order."""
         end = self.now + seconds
         while True:
-            deadlines = [
-                d for d in (self.server.next_deadline(), self.client.next_deadline()) if d
-            ]
+            deadlines = [d for d in (self.server.next_deadline(), self.client.next_deadline()) if d]
             due = min((d for d in deadlines if d <= end), default=None)
             if due is None:
                 break
@@ -265,7 +263,9 @@ def test_encryption_both_ways_including_broadcasts() -> None:
     assert server == [MessageReceived(sent)]
 
     n = pair.server.send_event({"t": "chat", "p": {"text": "back"}}, now=pair.now)
-    pair.server.send_broadcast(b'\x81\x1b{"c":"U","t":"news","p":{}}', b'{"c":"U","t":"news","p":{}}')
+    pair.server.send_broadcast(
+        b'\x81\x1b{"c":"U","t":"news","p":{}}', b'{"c":"U","t":"news","p":{}}'
+    )
     pair.pump()
     frames = pair.server_frames()
     assert [op for op, _ in frames] == [BINARY, BINARY]
@@ -531,3 +531,5 @@ def test_one_byte_at_a_time() -> None:
     server, client = whole
     assert [type(e).__name__ for e in server][:2] == ["Connected", "HelloReceived"]
     assert server[-1] == ConnectionClosed(1000, "done")
+    assert [type(e).__name__ for e in client][:3] == ["Upgraded", "Ready", "Hello"]
+    assert client[-1] == ConnectionClosed(1000, "done")

@@ -370,9 +370,7 @@ def test_no_jwt_configured_connects_with_cookies_and_no_server_ready() -> None:
     conn.receive_data(req, 0.0)
     assert conn.data_to_send() == accept_101("goDO3MzHCE0d77y2Dkxikg==")
     assert conn.events_received() == [
-        Connected(
-            user_id=None, cookies="access_token=whatever; theme=dark", path="/wse", query=""
-        )
+        Connected(user_id=None, cookies="access_token=whatever; theme=dark", path="/wse", query="")
     ]
 
 
@@ -531,9 +529,9 @@ def test_wse_client_transport_rules_accept_our_heartbeats() -> None:
     assert [c.cr_code.co_name for c in fired] == ["_respond_ping_json"]
     asyncio.run(fired.pop())
     [pong_reply] = sent
-    assert json.loads(pong_reply)["p"]["server_timestamp"] == json.loads(ping_text)["p"][
-        "server_time"
-    ]
+    assert (
+        json.loads(pong_reply)["p"]["server_timestamp"] == json.loads(ping_text)["p"]["server_time"]
+    )
     # Our server consumes wse-client's PONG silently, and it counts as activity.
     conn.receive_data(masked(1, pong_reply.encode()), 14.0)
     assert conn.events_received() == [] and conn.data_to_send() == b""
@@ -633,6 +631,83 @@ def test_wse_client_codec_decodes_plain_compressed_and_msgpack_frames() -> None:
             conn.send_event({"t": "x", "p": p}, now=1.0)
             frame = conn.data_to_send()
             payload = frame[4:] if frame[1] == 126 else frame[2:]
-            assert payload[:2] == (b"M:" if msgpack_conn else b"C:" if "blob" in p else b"{\"")
+            assert payload[:2] == (b"M:" if msgpack_conn else b"C:" if "blob" in p else b'{"')
             decoded = codec.decode(payload)
             assert decoded.type == "x" and decoded.payload == p
+
+
+# --------------------------------------------------------------------------- handshake edges
+
+
+def test_frames_in_the_same_packet_as_the_request() -> None:
+    """Bytes after the request head go to the frame decoder, after server_ready."""
+    conn, clock, _ = make()
+    clock.ms = 1_795_373_021_379
+    conn.receive_data(request() + masked(1, raw(5)) + masked(1, b'{"t":"a"}'), 0.0)
+    out = conn.data_to_send()
+    assert out.endswith(server_frame(6))
+    assert out.index(b'"t":"server_ready"') < out.index(b'"t":"PONG"')
+    events = conn.events_received()
+    assert [type(e) for e in events] == [Connected, MessageReceived]
+
+
+@pytest.mark.parametrize("split", [1, 7, 100])
+def test_request_split_anywhere(split: int) -> None:
+    whole, _, _ = make(jwt=None)
+    whole.receive_data(request(), 0.0)
+    parts, _, _ = make(jwt=None)
+    data = request()
+    for i in range(0, len(data), split):
+        parts.receive_data(data[i : i + split], 0.0)
+    assert parts.data_to_send() == whole.data_to_send()
+    assert parts.events_received() == whole.events_received()
+
+
+def test_bad_upgrade_is_rejected_with_http_error() -> None:
+    conn, _, _ = make()
+    conn.receive_data(b"GET /wse HTTP/1.1\r\nHost: x\r\n\r\n", 0.0)
+    out = conn.data_to_send()
+    assert out.startswith(b"HTTP/1.1 426 ")
+    [closed] = conn.events_received()
+    assert isinstance(closed, ConnectionClosed) and closed.code == 1006
+    assert conn.wants_close
+
+
+def test_handshake_timeout_is_exact() -> None:
+    conn, _, _ = make(handshake_timeout=10.0)
+    conn.receive_data(b"GET /wse HTTP/1.1\r\n", 3.0)  # a slow sender
+    assert conn.next_deadline() == 10.0
+    conn.handle_timer(9.999)
+    assert conn.state is ConnectionState.HANDSHAKE
+    conn.handle_timer(10.0)
+    assert conn.events_received() == [ConnectionClosed(1006, "handshake timeout")]
+    assert conn.wants_close and conn.data_to_send() == b"" and conn.next_deadline() is None
+
+
+def test_config_is_validated_like_the_original() -> None:
+    with pytest.raises(ValueError, match="idle_timeout"):
+        ServerConfig(ping_interval=25, idle_timeout=25)
+    with pytest.raises(ValueError):
+        ServerConfig(max_message_size=0)
+    with pytest.raises(ValueError):
+        ServerConfig(rate_limit_capacity=0)
+    assert ServerConfig(ping_interval=1, idle_timeout=2).idle_timeout == 2
+
+
+def test_hello_protocol_version_and_cluster_flag() -> None:
+    """§3.1: min(client version, 2); 1 when absent or not an unsigned integer."""
+    cluster = [False]
+    conn, _, _ = open_with_ready(2, cluster_connected=lambda: cluster[0])
+    conn.events_received()
+    for version, expected in ((5, 2), (0, 0), (-1, 1), (1.0, 1), (True, 1), ("2", 1), (None, 1)):
+        cluster[0] = not cluster[0]
+        hello = {"t": "client_hello", "p": {"protocol_version": version}}
+        conn.receive_data(masked(1, json.dumps(hello).encode()), 1.0)
+        reply = json.loads(_text_payload(conn.data_to_send()))
+        assert reply["p"]["protocol_version"] == expected
+        assert reply["p"]["features"]["cluster"] is cluster[0]
+        assert conn.events_received() == [HelloReceived(expected, False)]
+    # {"type": "client_hello"} is not intercepted: it is an application message (§3.2).
+    conn.receive_data(masked(1, b'{"type":"client_hello"}'), 1.0)
+    assert conn.data_to_send() == b""
+    assert conn.events_received() == [MessageReceived({"t": "client_hello"})]

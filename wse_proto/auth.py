@@ -222,10 +222,12 @@ class JWTConfig:
     def __post_init__(self, private_key: bytes | str | None) -> None:
         alg = _check_algorithm(self.algorithm)
         current = _as_bytes(self.key, "key")
+        object.__setattr__(self, "key", current)  # one canonical form: bytes
         object.__setattr__(self, "_key", _verification_key(alg, current, "jwt_secret"))
         previous = None
         if self.previous_key is not None:
             raw = _as_bytes(self.previous_key, "previous_key")
+            object.__setattr__(self, "previous_key", raw)
             previous = _verification_key(alg, raw, "jwt_previous_secret")
         object.__setattr__(self, "_previous", previous)
         if private_key is not None and alg != "HS256":

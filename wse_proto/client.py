@@ -129,6 +129,8 @@ class ClientConnection(_StateMachine):
         "_decoder",
         "_events",
         "_handshake",
+        "_handshake_deadline",
+        "_head",
         "_keypair",
         "_next_ping",
         "_now",
@@ -161,11 +163,13 @@ class ClientConnection(_StateMachine):
         ping_interval: float = 15.0,
         max_message_size: int = 1_048_576,
         close_timeout: float = 5.0,
+        handshake_timeout: float = 10.0,
         query_params: bool = True,
+        now: float = 0.0,
     ) -> None:
         super().__init__(CLIENT_TRANSITIONS)
-        if not ping_interval > 0 or not close_timeout > 0:
-            raise ValueError("ping_interval and close_timeout must be positive")
+        if not (ping_interval > 0 and close_timeout > 0 and handshake_timeout > 0):
+            raise ValueError("ping_interval, close_timeout and handshake_timeout must be > 0")
         self._rand = rand
         self._wall_ms = wall_ms
         self.msgpack = msgpack
@@ -201,7 +205,10 @@ class ClientConnection(_StateMachine):
         self._session: EncryptionSession | None = None
         self._keypair: KeyPair | None = None
         self._seq = 0
-        self._now = 0.0
+        self._now = now
+        # wse-client gives the upgrade CONNECTION_TIMEOUT = 10 s.
+        self._handshake_deadline: float | None = now + handshake_timeout
+        self._head = b""
         self._next_ping: float | None = None
         self._close_deadline: float | None = None
         self.hello_sent = False
@@ -246,6 +253,8 @@ class ClientConnection(_StateMachine):
 
     def _enter(self, inp: Input) -> ConnectionState:
         new = self._transition(inp)
+        if new is not ConnectionState.HANDSHAKE:
+            self._handshake_deadline = None
         if new is not ConnectionState.OPEN:
             self._next_ping = None
         if new is ConnectionState.CLOSED:
@@ -263,6 +272,13 @@ class ClientConnection(_StateMachine):
         if state is ConnectionState.HANDSHAKE:
             hs = self._handshake
             assert hs is not None
+            if len(self._head) < 5:
+                # Anything but an HTTP response is refused at once, not after a timeout.
+                self._head += bytes(data[: 5 - len(self._head)])
+                if not b"HTTP/".startswith(self._head):
+                    self._enter(Input.REJECT)
+                    self._emit_closed(1006, "the server did not answer with HTTP")
+                    return
             try:
                 hs.receive_data(data)
             except WSEError as exc:
@@ -588,6 +604,8 @@ class ClientConnection(_StateMachine):
             return self._next_ping
         if state is ConnectionState.CLOSING:
             return self._close_deadline
+        if state is ConnectionState.HANDSHAKE:
+            return self._handshake_deadline
         return None
 
     def handle_timer(self, now: float) -> None:
@@ -607,3 +625,8 @@ class ClientConnection(_StateMachine):
             deadline = self._close_deadline
             if deadline is not None and now >= deadline:
                 self._enter(Input.CLOSE_TIMEOUT)
+        elif state is ConnectionState.HANDSHAKE:
+            deadline = self._handshake_deadline
+            if deadline is not None and now >= deadline:
+                self._enter(Input.HANDSHAKE_TIMEOUT)
+                self._emit_closed(1006, "handshake timeout")

@@ -626,7 +626,7 @@ class ServerCore:
         ``slow_consumer_policy="disconnect"`` the connection is also closed (no status)."""
         self.metrics.slow_consumer_drops += 1
         if self._disconnect_slow and conn.state is _OPEN:
-            conn.close(None, "slow consumer")
+            conn.close(None)
             self._dirty[conn.conn_id] = conn
 
     # ------------------------------------------------------------------ app API: subscriptions

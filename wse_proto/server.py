@@ -58,6 +58,7 @@ from .events import (
     TextReceived,
 )
 from .ratelimit import TokenBucket
+from .topics import TopicACL
 from .ws import (
     ACCEPTED,
     BINARY,
@@ -285,7 +286,8 @@ class ServerConnection(_StateMachine):
         self._close_deadline: float | None = None
         self.user_id: str | None = None
         self.claims: dict[str, Any] | None = None
-        self.acl: Any = None
+        self.acl: TopicACL | None = None
+        """Topic ACL from the JWT ``wse_topics`` claim (reference §1.3)."""
         self.cookies = ""
         self.path = ""
         self.query = ""

@@ -7,6 +7,8 @@ cannot hide a bug in our validation.
 from __future__ import annotations
 
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +19,11 @@ from wse_server import WSEServer
 
 SECRET = b"integration-test-secret-0123456789abcdef"
 OTHER_SECRET = b"a-completely-different-secret-0123456789"
+
+
+_leftovers: weakref.WeakKeyDictionary[WSEServer, deque[tuple[str, Any, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def make_token(
@@ -40,15 +47,22 @@ def drain_until(
     timeout: float = 5.0,
     sink: list[tuple[str, Any, Any]] | None = None,
 ) -> tuple[str, Any, Any]:
-    """Drain events until one matches; every drained event is appended to ``sink``."""
+    """Drain events until one matches; every drained event is appended to ``sink``.
+
+    Events drained after the match (same batch) are kept for the next call.
+    """
+    stash = _leftovers.setdefault(server, deque())
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for ev in server.drain_inbound(256, 50):
+    while True:
+        while stash:
+            ev = stash.popleft()
             if sink is not None:
                 sink.append(ev)
             if predicate(ev):
                 return ev
-    raise TimeoutError("expected drain event did not arrive")
+        if time.monotonic() >= deadline:
+            raise TimeoutError("expected drain event did not arrive")
+        stash.extend(server.drain_inbound(256, 50))
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
