@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import cProfile
-import io
 import json
 import os
 import pstats
@@ -146,11 +145,15 @@ _profiles: list[cProfile.Profile] = []
 
 
 def _profile_threads() -> cProfile.Profile:
-    """Profile the main thread and every thread started from now on (one cProfile each)."""
+    """Profile the main thread and every thread started from now on (one cProfile each).
+
+    The timer is the thread's CPU time: with wall time, a thread waiting for the GIL would
+    charge that wait to whatever function it was in.
+    """
     original = threading.Thread.run
 
     def run(self: threading.Thread) -> None:
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.thread_time)
         _profiles.append(prof)
         prof.enable()
         try:
@@ -159,7 +162,7 @@ def _profile_threads() -> cProfile.Profile:
             prof.disable()
 
     threading.Thread.run = run  # type: ignore[method-assign]
-    main = cProfile.Profile()
+    main = cProfile.Profile(time.thread_time)
     _profiles.append(main)
     return main
 
@@ -366,7 +369,6 @@ def fanout_run(server: Server, workers: Sequence[Child], subs: int, count: int) 
         "lost": subs * count - delivered,
         "server_cpu": server_cpu / elapsed if elapsed > 0 else 0.0,
         "loadgen_cpu": sum(float(c["cpu"]) for c in counted) / elapsed if elapsed > 0 else 0.0,
-        "loadgen_user": sum(float(c.get("user", 0)) for c in counted) / elapsed if elapsed > 0 else 0.0,
         "excess": sum(int(c["excess"]) for c in counted),
         "elapsed": elapsed,
         "publish_seconds": float(published["t1"]) - float(published["t0"]),
@@ -404,13 +406,19 @@ def _calibrated(
     return best
 
 
-def measure_fanout(server: Server, subs: int, cfg: Settings) -> dict[str, Any]:
+Hook = Callable[[], None] | None
+"""Called once the connections are open, before any measured traffic (profiling)."""
+
+
+def measure_fanout(server: Server, subs: int, cfg: Settings, hook: Hook = None) -> dict[str, Any]:
     workers = _workers(server, "fanout", subs, concurrency=50)
     try:
         server.child.send(cmd="wait_subs", n=subs, timeout=30.0)
         got = int(server.child.expect("subs", 40.0)["n"])
         if got < subs:
             raise ChildError(f"only {got} of {subs} subscribed")
+        if hook is not None:
+            hook()
         return _calibrated(
             lambda count: fanout_run(server, workers, subs, count),
             _clamp(20000 / subs, 10, 200),
@@ -462,11 +470,13 @@ def inbound_run(server: Server, workers: Sequence[Child], conns: int, per_conn: 
     }
 
 
-def measure_inbound(server: Server, conns: int, cfg: Settings) -> dict[str, Any]:
+def measure_inbound(server: Server, conns: int, cfg: Settings, hook: Hook = None) -> dict[str, Any]:
     workers = _workers(server, "inbound", conns, concurrency=50, payload=INBOUND_PAYLOAD)
     try:
         server.child.send(cmd="wait_subs", n=conns, timeout=30.0)  # app saw every connect
         server.child.expect("subs", 40.0)
+        if hook is not None:
+            hook()
         return _calibrated(
             lambda count: inbound_run(server, workers, conns, count),
             _clamp(20000 / conns, 20, 20000),
@@ -619,35 +629,143 @@ def print_table(figs: Sequence[Figure], res: Results, out: Callable[[str], None]
 # ----------------------------------------------------------------------------- profile
 
 
-def profile_ours(cfg: Settings, secret: bytes, token: str, top: int = 14) -> None:
-    """cProfile the asyncio server on the fan-out and inbound paths; print hot spots."""
+BLOCKING = ("acquire", "poll", "sleep", "select", "wait", "readline", "_accept", "join")
+"""Built-ins in which a thread mostly waits: left out of the cProfile list, totalled apart."""
+
+
+def _cprofile_hotspots(path: str, top: int) -> list[str]:
+    """Top functions by own (thread CPU) time from a pstats file, waits excluded."""
+    stats = pstats.Stats(path).stats  # type: ignore[attr-defined]
+    rows = []
+    waited = 0.0
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in stats.items():
+        builtin = filename == "~"
+        if builtin and any(word in func for word in BLOCKING):
+            waited += tt
+            continue
+        where = func if builtin else f"{os.path.relpath(filename, ROOT)}:{line}({func})"
+        rows.append((tt, nc, ct, where))
+    busy = sum(r[0] for r in rows) or 1.0
+    rows.sort(reverse=True)
+    out = [f"{'own s':>7} {'share':>6} {'calls':>9} {'us/call':>8} {'cum s':>7}  function"]
+    for tt, nc, ct, where in rows[:top]:
+        per = tt / nc * 1e6 if nc else 0.0
+        out.append(f"{tt:7.3f} {tt / busy:6.1%} {nc:9d} {per:8.2f} {ct:7.3f}  {where[-90:]}")
+    out.append(f"(CPU total {busy:.3f} s; waits {waited:.3f} s not shown; cProfile adds about")
+    out.append(" a microsecond to every call, so many-call functions look heavier than they are)")
+    return out
+
+
+def _split_frame(frame: str) -> tuple[str, str]:
+    """``func (path/to/file.py:12)`` -> (``func (file.py)``, ``12``), project-relative."""
+    func, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    where, _, line = where.rpartition(":")
+    if where.startswith(str(ROOT)):
+        where = where[len(str(ROOT)) + 1 :]
+    elif "/lib/python" in where:
+        where = "stdlib/" + where.rsplit("/lib/python", 1)[1].split("/", 1)[-1]
+    return f"{func} ({where})", line
+
+
+def _pyspy_hotspots(path: str, top: int) -> list[str]:
+    """Top functions by self samples, their inclusive share and hottest lines (py-spy raw)."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    lines: dict[str, dict[str, int]] = {}
+    total = 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for row in fh:
+            stack, _, count_text = row.rstrip("\n").rpartition(" ")
+            if not stack or not count_text.isdigit():
+                continue
+            count = int(count_text)
+            frames = [_split_frame(f) for f in stack.split(";") if " (" in f]
+            if not frames:
+                continue
+            total += count
+            leaf, line = frames[-1]
+            own[leaf] = own.get(leaf, 0) + count
+            per_line = lines.setdefault(leaf, {})
+            per_line[line] = per_line.get(line, 0) + count
+            for func in {f for f, _ in frames}:
+                incl[func] = incl.get(func, 0) + count
+    if not total:
+        return ["(no samples)"]
+    out = [f"{'self':>6} {'incl':>6}  function (file)  [hottest lines: self share]"]
+    for func, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        hot = sorted(lines[func].items(), key=lambda kv: -kv[1])[:3]
+        where = ", ".join(f"{ln}: {c / total:.0%}" for ln, c in hot)
+        out.append(f"{n / total:6.1%} {incl[func] / total:6.1%}  {func[-80:]}  [{where}]")
+    out.append(f"({total} samples of busy threads; waiting threads are not sampled)")
+    return out
+
+
+def pyspy_path() -> str | None:
+    """py-spy executable: ``$WSE_BENCH_PYSPY`` or ``py-spy`` on PATH (optional tool)."""
+    import shutil
+
+    found = os.environ.get("WSE_BENCH_PYSPY") or shutil.which("py-spy")
+    return found if found and os.access(found, os.X_OK) else None
+
+
+def profile_ours(cfg: Settings, secret: bytes, token: str, top: int = 15) -> None:
+    """Profile the asyncio server on the fan-out and inbound paths; print hot spots.
+
+    With py-spy (sampling, attaches to the server PID for the measured runs only) when it
+    is installed, else cProfile on every server thread for the server's whole life.
+    Fresh servers, full-length runs even under ``--quick``; read the shares, not the rates.
+    """
+    import signal
+    import subprocess
     import tempfile
 
-    for path_name, run in (
-        ("fan-out, 1000 subscribers", lambda s: measure_fanout(s, 1000, cfg)),
-        ("inbound, 100 connections", lambda s: measure_inbound(s, 100, cfg)),
+    pyspy = pyspy_path()
+    prof_cfg = Settings(quick=cfg.quick, run_seconds=2.0, repeats=1)
+    for path_name, measure in (
+        ("fan-out, 1000 subscribers", lambda s, h: measure_fanout(s, 1000, prof_cfg, h)),
+        ("inbound, 100 connections", lambda s, h: measure_inbound(s, 100, prof_cfg, h)),
     ):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "server.prof")
-            server = start_server("asyncio", secret, token, profile_out=out)
+            server = start_server("asyncio", secret, token, None if pyspy else out)
+            recorder: list[subprocess.Popen[bytes]] = []
+
+            def attach(
+                server: Server = server,
+                out: str = out,
+                recorder: list[subprocess.Popen[bytes]] = recorder,
+            ) -> None:
+                if pyspy is None:
+                    return
+                argv = [pyspy, "record", "--pid", str(server.child.pid), "--rate", "400"]
+                argv += ["--format", "raw", "--nonblocking", "--output", out]
+                recorder.append(
+                    subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                )
+                time.sleep(0.5)  # let it attach
+
             try:
-                result = run(server)
+                result = measure(server, attach)
             finally:
+                for proc in recorder:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGINT)
+                    try:
+                        proc.wait(20.0)
+                    except subprocess.TimeoutExpired:
+                        os.kill(proc.pid, signal.SIGKILL)
+                        proc.wait()
                 server.child.stop(15.0, command={"cmd": "stop"})
-            rate = result["rate"]
-            print(f"\n-- cProfile of wse-py asyncio, {path_name}: {rate:,.0f}/s under the "
-                  f"profiler; top {top} by own time, all server threads")  # fmt: skip
+            tool = "py-spy" if pyspy else "cProfile (install py-spy for sampling)"
+            print(f"\n-- {tool}: wse-py asyncio, {path_name} "
+                  f"({result['rate']:,.0f}/s while profiled), all server threads:")  # fmt: skip
             if not os.path.exists(out):
                 print("   (no profile written)")
                 continue
-            buf = io.StringIO()
-            stats = pstats.Stats(out, stream=buf)
-            stats.sort_stats("tottime").print_stats(top)
-            lines = buf.getvalue().splitlines()
-            start = next((i for i, ln in enumerate(lines) if "ncalls" in ln), 0)
-            for ln in lines[start:]:
-                if ln.strip():
-                    print("   " + ln.strip()[:160])
+            lines = _pyspy_hotspots(out, top) if pyspy else _cprofile_hotspots(out, top)
+            for line in lines:
+                print("   " + line)
 
 
 # ----------------------------------------------------------------------------- main

@@ -214,10 +214,8 @@ def uuid7(wall_ms: int, rand: RandFn) -> str:
     r = rand(10)
     if len(r) != 10:
         raise LocalProtocolError("rand(10) must return 10 bytes")
-    rand_a = int.from_bytes(r[:2]) & 0x0FFF
-    rand_b = int.from_bytes(r[2:]) & 0x3FFF_FFFF_FFFF_FFFF
-    v = (wall_ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
-    h = f"{v:032x}"
+    raw = wall_ms.to_bytes(6, "big") + bytes((0x70 | (r[0] & 0x0F), r[1], 0x80 | (r[2] & 0x3F)))
+    h = (raw + r[3:]).hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 

@@ -706,9 +706,8 @@ class ServerCore:
             self._drop_topics(member, list(member.topics))
             self._drop_groups(member, list(member.groups))
             return
-        names = list(topics)
-        self._drop_topics(member, [t for t in names if t in member.topics])
-        wanted = set(names)
+        wanted = dict.fromkeys(topics)  # duplicates collapse, order kept
+        self._drop_topics(member, [t for t in wanted if t in member.topics])
         self._drop_groups(member, [key for key in member.groups if key[0] in wanted])
 
     def _drop_topics(self, member: _Member, topics: list[str]) -> None:

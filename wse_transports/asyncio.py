@@ -44,6 +44,15 @@ log = logging.getLogger("wse_transports.asyncio")
 MAX_PENDING_HANDSHAKES = 512
 """Accepted sockets still in the upgrade; beyond this new sockets are dropped (§1.2)."""
 
+PENDING_GRACE = 1.0
+"""The cap applies once the oldest pending upgrade has waited this long.
+
+One event loop accepts a whole burst of sockets before it reads any of them, so a burst
+of 1,000 honest clients would look like 1,000 stalled upgrades. Dropping only while the
+oldest upgrade is older than this keeps the slowloris protection (stalled sockets age)
+without refusing a reconnect storm; ``max_connections`` still bounds the total.
+"""
+
 SEND_BUFFER_BYTES = 256 * 1024
 """SO_SNDBUF like the original's listener (§1.1)."""
 
@@ -62,7 +71,6 @@ class _Conn(asyncio.Protocol):
         "closing",
         "conn",
         "lost",
-        "pending",
         "pump",
         "timer",
         "timer_at",
@@ -75,7 +83,6 @@ class _Conn(asyncio.Protocol):
         self.conn: Any = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = math.inf
-        self.pending = False  # counted in the pump's pending-handshake total
         self.closing = False
         self.lost = False
 
@@ -122,6 +129,7 @@ class AsyncioTransport(Transport):
         port: int,
         loop: str = "asyncio",
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+        pending_grace: float = PENDING_GRACE,
         backlog: int = 1024,
     ) -> None:
         super().__init__(core, lock, host=host, port=port)
@@ -129,6 +137,7 @@ class AsyncioTransport(Transport):
             raise ValueError(f"loop must be 'asyncio' or 'uvloop', not {loop!r}")
         self.loop_kind = loop
         self.max_pending_handshakes = max_pending_handshakes
+        self.pending_grace = pending_grace
         self.backlog = backlog
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id: int | None = None
@@ -138,7 +147,7 @@ class AsyncioTransport(Transport):
         self._done: asyncio.Event | None = None
         self._conns: dict[int, _Conn] = {}  # id(machine) -> socket protocol
         self._all: set[_Conn] = set()  # every live socket, registered or not
-        self._pending = 0
+        self._pending: dict[_Conn, float] = {}  # upgrades in progress -> accept time
         self._flush_scheduled = False
         self._reading_paused = False
         self._running = False
@@ -348,7 +357,12 @@ class AsyncioTransport(Transport):
     def _made(self, c: _Conn, transport: asyncio.Transport) -> None:
         c.transport = transport
         self._all.add(c)
-        if self._pending >= self.max_pending_handshakes:
+        pending = self._pending
+        now = monotonic()
+        if (
+            len(pending) >= self.max_pending_handshakes
+            and now - next(iter(pending.values())) >= self.pending_grace
+        ):
             transport.abort()  # §1.2: dropped before any HTTP
             return
         sock = transport.get_extra_info("socket")
@@ -357,14 +371,13 @@ class AsyncioTransport(Transport):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         with self.lock:
-            conn = self.core.open_connection(monotonic())
+            conn = self.core.open_connection(now)
             if conn is None:  # draining or at max_connections: no HTTP answer
                 transport.abort()
                 return
             c.conn = conn
             self._conns[id(conn)] = c
-            c.pending = True
-            self._pending += 1
+            pending[c] = now
             if self._reading_paused:
                 transport.pause_reading()
             self._flush_locked()
@@ -376,9 +389,8 @@ class AsyncioTransport(Transport):
             return
         with self.lock:
             self.core.feed(conn, data, monotonic())
-            if c.pending and conn.state is not _HANDSHAKE:
-                c.pending = False
-                self._pending -= 1
+            if self._pending and conn.state is not _HANDSHAKE:
+                self._pending.pop(c, None)
             self._after_input(c)
 
     def _eof(self, c: _Conn) -> None:
@@ -420,9 +432,7 @@ class AsyncioTransport(Transport):
             c.timer.cancel()
             c.timer = None
         c.timer_at = math.inf
-        if c.pending:
-            c.pending = False
-            self._pending -= 1
+        self._pending.pop(c, None)
         if c.conn is not None:
             self._conns.pop(id(c.conn), None)
 
