@@ -429,7 +429,9 @@ def measure_fanout(server: Server, subs: int, cfg: Settings, hook: Hook = None) 
         _stop_workers(server, workers)
 
 
-def inbound_run(server: Server, workers: Sequence[Child], conns: int, per_conn: int) -> dict:
+def inbound_run(
+    server: Server, workers: Sequence[Child], conns: int, per_conn: int
+) -> dict[str, Any]:
     """Send ``per_conn`` messages on every connection; rate until the app counted them all."""
     total = per_conn * conns
     seconds = 30.0
@@ -722,10 +724,11 @@ def profile_ours(cfg: Settings, secret: bytes, token: str, top: int = 15) -> Non
 
     pyspy = pyspy_path()
     prof_cfg = Settings(quick=cfg.quick, run_seconds=2.0, repeats=1)
-    for path_name, measure in (
+    paths: list[tuple[str, Callable[[Server, Hook], dict[str, Any]]]] = [
         ("fan-out, 1000 subscribers", lambda s, h: measure_fanout(s, 1000, prof_cfg, h)),
         ("inbound, 100 connections", lambda s, h: measure_inbound(s, 100, prof_cfg, h)),
-    ):
+    ]
+    for path_name, measure in paths:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "server.prof")
             server = start_server("asyncio", secret, token, None if pyspy else out)

@@ -24,9 +24,7 @@ from wse_proto.errors import DecodeError
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "client-protocol.json"
 RECORDS: list[dict[str, Any]] = json.loads(DATA.read_text(encoding="utf-8"))["records"]
-MESSAGES = [
-    (i, r) for i, r in enumerate(RECORDS) if r["opcode_name"] in ("text", "binary")
-]
+MESSAGES = [(i, r) for i, r in enumerate(RECORDS) if r["opcode_name"] in ("text", "binary")]
 
 
 def payload(record: dict[str, Any]) -> bytes:

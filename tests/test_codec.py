@@ -35,7 +35,9 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=15,
 )
 RESERVED = {"c", "t", "p", "type", "payload", "id", "seq", "ts", "v"}
@@ -43,7 +45,9 @@ envelopes = st.builds(
     lambda t, p, extra, id_, seq, ts: {**extra, "t": t, "p": p, "id": id_, "seq": seq, "ts": ts},
     st.text(min_size=1, max_size=20),
     st.dictionaries(st.text(max_size=6), json_values, max_size=5),
-    st.dictionaries(st.text(max_size=4).filter(lambda k: k not in RESERVED), json_values, max_size=3),
+    st.dictionaries(
+        st.text(max_size=4).filter(lambda k: k not in RESERVED), json_values, max_size=3
+    ),
     st.text(max_size=40),
     st.integers(min_value=0, max_value=2**63 - 1),
     st.text(max_size=30),
@@ -79,7 +83,7 @@ def test_encode_then_client_decode_round_trip(event: dict[str, Any], form: str) 
         env, msgpack=form == "msgpack", compression_threshold=1 if form == "zlib" else 0
     )
     assert binary is True
-    assert payload[:2] == {"json": b"{\"", "zlib": b"C:", "msgpack": b"M:"}[form]
+    assert payload[:2] == {"json": b'{"', "zlib": b"C:", "msgpack": b"M:"}[form]
     (decoded,) = codec.decode_server_message(payload)
     expected = orjson.loads(envelope.dumps_server(env))
     if not expected["p"]:
@@ -108,7 +112,9 @@ def test_send_event_form_is_sorted_and_compact(event: dict[str, Any]) -> None:
     env = built(event)
     payload, _ = codec.encode_event(env, msgpack=False, compression_threshold=0)
     assert payload == envelope.dumps_server(env)
-    unpacked = msgpack.unpackb(codec.encode_event(env, msgpack=True, compression_threshold=0)[0][2:])
+    unpacked = msgpack.unpackb(
+        codec.encode_event(env, msgpack=True, compression_threshold=0)[0][2:]
+    )
 
     def keys_sorted(value: Any) -> bool:
         if isinstance(value, dict):
@@ -143,7 +149,13 @@ prefixes = st.sampled_from(["", "WSE", "S", "U", "W", "{", " "])
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.text(), st.builds(lambda p, v: p + json.dumps(v), prefixes, json_values)))
+@given(
+    st.one_of(
+        st.text(),
+        st.text(alphabet=st.characters(exclude_categories=())),  # lone surrogates included
+        st.builds(lambda p, v: p + json.dumps(v), prefixes, json_values),
+    )
+)
 def test_decode_client_text_never_raises(text: str) -> None:
     inbound = codec.decode_client_text(text)
     if inbound.kind == "raw":
@@ -164,7 +176,9 @@ def test_decode_client_text_objects(obj: dict[str, Any], prefix: str) -> None:
     inbound = codec.decode_client_text(text)
     if prefix in ("", "WSE", "S", "U"):
         assert inbound == codec.Inbound(
-            "msg", envelope.normalize_keys(obj), obj.get("t") if isinstance(obj.get("t"), str) else None
+            "msg",
+            envelope.normalize_keys(obj),
+            obj.get("t") if isinstance(obj.get("t"), str) else None,
         )
     else:
         assert inbound == codec.Inbound("raw", text)
@@ -227,7 +241,12 @@ def test_msgpack_many_containers_but_shallow() -> None:
 
 
 # msgpack values of every kind, including what needs mapping.
-mp_keys = st.text(max_size=4) | st.integers(min_value=-5, max_value=5) | st.binary(max_size=3) | st.booleans()
+mp_keys = (
+    st.text(max_size=4)
+    | st.integers(min_value=-5, max_value=5)
+    | st.binary(max_size=3)
+    | st.booleans()
+)
 mp_values = st.recursive(
     st.none()
     | st.booleans()
@@ -269,7 +288,9 @@ def key_text(k: Any) -> str:
 def test_msgpack_mapping(value: Any) -> None:
     data = msgpack.packb(value, use_bin_type=True)
     # Python dicts merge True and 1 as keys; the wire keeps both: compare with what was packed.
-    unpacked = msgpack.unpackb(data, raw=False, strict_map_key=False, timestamp=0, ext_hook=msgpack.ExtType)
+    unpacked = msgpack.unpackb(
+        data, raw=False, strict_map_key=False, timestamp=0, ext_hook=msgpack.ExtType
+    )
     assert codec.msgpack_loads(data) == reference(unpacked)
     slow, end = codec._py_value(data, 0, 0, 64, False)
     assert end == len(data) and slow == reference(unpacked), "fast and pure-Python paths agree"
@@ -309,8 +330,11 @@ def only_wse_errors(fn: Any, *args: Any, **kwargs: Any) -> Any:
 @given(
     st.one_of(
         st.binary(max_size=200),
-        st.builds(lambda p, b: p + b, st.sampled_from([b"C:", b"M:", b"E:", b"\x78\x9c", b"\x78\x01", b"{"]),
-                  st.binary(max_size=200)),
+        st.builds(
+            lambda p, b: p + b,
+            st.sampled_from([b"C:", b"M:", b"E:", b"\x78\x9c", b"\x78\x01", b"{"]),
+            st.binary(max_size=200),
+        ),
         st.builds(lambda b: b"C:" + zlib.compress(b), st.binary(max_size=200)),
     )
 )
@@ -354,7 +378,9 @@ def test_bytes_like_inputs() -> None:
     assert codec.decode_server_message(bytearray(body)) == expected
     assert codec.decode_server_message(memoryview(body)) == expected
     assert codec.decode_client_binary(bytearray(b"\x01"), msgpack=True) == codec.Inbound("msg", 1)
-    assert codec.decode_client_binary(memoryview(b"ab"), msgpack=False) == codec.Inbound("bin", b"ab")
+    assert codec.decode_client_binary(memoryview(b"ab"), msgpack=False) == codec.Inbound(
+        "bin", b"ab"
+    )
 
 
 def test_decompression_bomb_is_cut_off_early() -> None:
@@ -382,8 +408,12 @@ def test_client_decode_sizes_use_the_cap() -> None:
 
 
 @SETTINGS
-@given(st.lists(st.dictionaries(st.sampled_from(["t", "p", "id", "x"]), json_values, max_size=4), max_size=6),
-       st.sampled_from(["", "WSE", "S", "U"]))
+@given(
+    st.lists(
+        st.dictionaries(st.sampled_from(["t", "p", "id", "x"]), json_values, max_size=4), max_size=6
+    ),
+    st.sampled_from(["", "WSE", "S", "U"]),
+)
 def test_batches_expand(items: list[dict[str, Any]], prefix: str) -> None:
     batch = {"c": "WSE", "t": "batch", "p": {"messages": items, "count": len(items)}}
     events = codec.decode_server_message(prefix + json.dumps(batch))

@@ -33,17 +33,33 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 json_values_no_float = st.recursive(
     json_scalars.filter(lambda v: not isinstance(v, float)),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 type_names = st.sampled_from(
-    ["server_ready", "error", "pong", "PONG", "ping", "order_snapshot", "snapshot_complete",
-     "chat", "x_snapshotty", "snapshot_", "", "batch"]
+    [
+        "server_ready",
+        "error",
+        "pong",
+        "PONG",
+        "ping",
+        "order_snapshot",
+        "snapshot_complete",
+        "chat",
+        "x_snapshotty",
+        "snapshot_",
+        "",
+        "batch",
+    ]
 ) | st.text(max_size=12)
 
 
@@ -60,8 +76,16 @@ def test_category_rule(t: str) -> None:
     c = envelope.message_category(t)
     if "_snapshot" in t or t.startswith("snapshot_"):
         assert c == "S"
-    elif t in {"server_ready", "server_hello", "client_hello_ack", "connection_state_change",
-               "subscription_update", "error", "pong", "PONG"}:
+    elif t in {
+        "server_ready",
+        "server_hello",
+        "client_hello_ack",
+        "connection_state_change",
+        "subscription_update",
+        "error",
+        "pong",
+        "PONG",
+    }:
         assert c == "WSE"
     else:
         assert c == "U"
@@ -81,8 +105,9 @@ def dump_styles(obj: dict[str, Any]) -> list[str]:
     ]
 
 
-objects_with_t = st.dictionaries(st.text(max_size=5).filter(lambda k: k not in ("c", "t")),
-                                 json_values, max_size=3)
+objects_with_t = st.dictionaries(
+    st.text(max_size=5).filter(lambda k: k not in ("c", "t")), json_values, max_size=3
+)
 
 
 @SETTINGS
@@ -121,7 +146,7 @@ def test_non_string_t_gives_u(rest: dict[str, Any], t: Any) -> None:
 
 
 @SETTINGS
-@given(st.text())
+@given(st.text() | st.text(alphabet=st.characters(exclude_categories=())))
 def test_inject_never_raises_and_only_inserts(text: str) -> None:
     out = envelope.inject_category(text)
     if out != text:
@@ -148,13 +173,18 @@ def test_inject_first_of_duplicate_t_even_after_big_values() -> None:
 
 
 @SETTINGS
-@given(st.dictionaries(st.sampled_from(["t", "type", "p", "payload", "x"]), json_values, max_size=5))
+@given(
+    st.dictionaries(st.sampled_from(["t", "type", "p", "payload", "x"]), json_values, max_size=5)
+)
 def test_normalize_keys(obj: dict[str, Any]) -> None:
     before = dict(obj)
     out = envelope.normalize_keys(obj)
     assert obj == before, "the argument is not modified"
-    renames = {long: short for short, long in (("t", "type"), ("p", "payload"))
-               if short not in obj and long in obj}
+    renames = {
+        long: short
+        for short, long in (("t", "type"), ("p", "payload"))
+        if short not in obj and long in obj
+    }
     # Same members in the same order, the renamed ones under their short name.
     assert list(out.items()) == [(renames.get(k, k), v) for k, v in obj.items()]
 
@@ -207,7 +237,7 @@ class Level(enum.IntEnum):
     HIGH = 8
 
 
-class Kind(str, enum.Enum):
+class Kind(str, enum.Enum):  # noqa: UP042 - str() differs from the value here
     A = "a-value"
 
 
@@ -273,9 +303,11 @@ python_values = st.recursive(
     | st.decimals(allow_nan=False)
     | st.uuids()
     | st.datetimes(),
-    lambda inner: st.lists(inner, max_size=3)
-    | st.tuples(inner, inner)
-    | st.dictionaries(st.text(max_size=4) | st.integers() | st.booleans(), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=4) | st.integers() | st.booleans(), inner, max_size=3)
+    ),
     max_leaves=10,
 )
 
@@ -303,7 +335,7 @@ def serde_float(f: float) -> str:
     k = exponent
     kk = len(ds) + k  # value = 0.ds * 10**kk
     prefix = "-" if sign else ""
-    if 0 <= k and kk <= 16:
+    if k >= 0 and kk <= 16:
         return prefix + ds + "0" * k + ".0"
     if 0 < kk <= 16:
         return prefix + ds[:kk] + "." + ds[kk:]
@@ -316,8 +348,16 @@ def serde_float(f: float) -> str:
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(1.0, "1.0"), (0.1, "0.1"), (-0.0, "-0.0"), (1e20, "1e+20"), (1.5e-7, "1.5e-7"),
-     (1e16, "1e+16"), (1e15, "1000000000000000.0"), (123456789.12345679, "123456789.12345679")],
+    [
+        (1.0, "1.0"),
+        (0.1, "0.1"),
+        (-0.0, "-0.0"),
+        (1e20, "1e+20"),
+        (1.5e-7, "1.5e-7"),
+        (1e16, "1e+16"),
+        (1e15, "1000000000000000.0"),
+        (123456789.12345679, "123456789.12345679"),
+    ],
 )
 def test_reference_float_rule_matches_the_notes(value: float, text: str) -> None:
     assert serde_float(value) == text
@@ -355,7 +395,7 @@ def test_dumps_server_rejects_what_cannot_be_json() -> None:
 @given(
     st.dictionaries(st.text(max_size=4), json_values, max_size=4),
     st.one_of(st.none(), type_names, st.integers()),
-    st.integers(min_value=0, max_value=(1 << 48) - 1),
+    st.integers(min_value=0, max_value=253402300799999),
     st.integers(min_value=0, max_value=2**63 - 1),
 )
 def test_build_event_rules(extra: dict[str, Any], t: Any, wall_ms: int, seq: int) -> None:
@@ -383,7 +423,9 @@ def test_build_event_rules(extra: dict[str, Any], t: Any, wall_ms: int, seq: int
         assert env["id"] == event["id"] and calls == []
     else:
         assert env["id"] == envelope.uuid7(wall_ms, lambda n: bytes(range(n))) and calls == [10]
-    assert set(env) == set(event) - {"t"} | {"c", "v", "id", "seq", "ts"} | ({"t"} if "t" in env else set())
+    assert set(env) == set(event) - {"t"} | {"c", "v", "id", "seq", "ts"} | (
+        {"t"} if "t" in env else set()
+    )
 
 
 def test_build_event_accepts_mappings_and_str_subclass_keys() -> None:
@@ -396,8 +438,14 @@ def test_build_event_accepts_mappings_and_str_subclass_keys() -> None:
 
 
 @SETTINGS
-@given(st.integers(min_value=0, max_value=253402300799999), st.integers(), st.integers(min_value=0, max_value=2**62))
-def test_heartbeat_frames_satisfy_wse_client_prefix_check(wall_ms: int, client: int, server: int) -> None:
+@given(
+    st.integers(min_value=0, max_value=253402300799999),
+    st.integers(),
+    st.integers(min_value=0, max_value=2**62),
+)
+def test_heartbeat_frames_satisfy_wse_client_prefix_check(
+    wall_ms: int, client: int, server: int
+) -> None:
     # wse-client 2.5.1 looks for these in the first 25 characters of a text frame (K2).
     assert '"t":"ping"' in envelope.server_ping(wall_ms).decode()[:25]
     frame = envelope.pong(client, server).decode()
@@ -423,9 +471,12 @@ def test_key_exchange_failed_is_json_for_plain_details(detail: str) -> None:
 
 @SETTINGS
 @given(st.text(), st.text(), st.booleans(), st.integers(min_value=0, max_value=253402300799999))
-def test_server_ready_is_sorted_json(conn_id: str, user_id: str, recovery: bool, wall_ms: int) -> None:
-    frame = envelope.server_ready(conn_id=conn_id, user_id=user_id, recovery=recovery,
-                                  wall_ms=wall_ms, rand=rand_zero)
+def test_server_ready_is_sorted_json(
+    conn_id: str, user_id: str, recovery: bool, wall_ms: int
+) -> None:
+    frame = envelope.server_ready(
+        conn_id=conn_id, user_id=user_id, recovery=recovery, wall_ms=wall_ms, rand=rand_zero
+    )
     obj = json.loads(frame)
     assert frame == envelope.dumps_server(obj)
     assert obj["id"] == envelope.uuid7(wall_ms, rand_zero)
@@ -436,25 +487,47 @@ def test_server_ready_is_sorted_json(conn_id: str, user_id: str, recovery: bool,
 
 
 def test_server_hello_encryption_flag_follows_the_key() -> None:
-    common: dict[str, Any] = dict(conn_id="c", cluster=False, recovery=False, protocol_version=1,
-                                  max_message_size=1, rate_limit_capacity=1.0, rate_limit_refill=1.0,
-                                  ping_interval_s=0.25, wall_ms=0)
+    common: dict[str, Any] = dict(
+        conn_id="c",
+        cluster=False,
+        recovery=False,
+        protocol_version=1,
+        max_message_size=1,
+        rate_limit_capacity=1.0,
+        rate_limit_refill=1.0,
+        ping_interval_s=0.25,
+        wall_ms=0,
+    )
     with_key = json.loads(envelope.server_hello(encryption_public_key="K", **common))
     without = json.loads(envelope.server_hello(encryption_public_key=None, **common))
-    assert with_key["p"]["features"]["encryption"] is True and with_key["p"]["encryption_public_key"] == "K"
-    assert without["p"]["features"]["encryption"] is False and "encryption_public_key" not in without["p"]
+    assert (
+        with_key["p"]["features"]["encryption"] is True
+        and with_key["p"]["encryption_public_key"] == "K"
+    )
+    assert (
+        without["p"]["features"]["encryption"] is False
+        and "encryption_public_key" not in without["p"]
+    )
     assert without["p"]["ping_interval"] == 250
     assert {"id", "ts", "seq"}.isdisjoint(without)
 
 
 def test_presence_event_converts_data() -> None:
-    frame = envelope.presence_event("presence_update", "u", {"b": b"\x01", 2: decimal.Decimal("1.5")})
-    assert frame == b'{"c":"WSE","p":{"data":{"2":"1.5","b":"01"},"user_id":"u"},"t":"presence_update"}'
+    frame = envelope.presence_event(
+        "presence_update", "u", {"b": b"\x01", 2: decimal.Decimal("1.5")}
+    )
+    assert (
+        frame
+        == b'{"c":"WSE","p":{"data":{"2":"1.5","b":"01"},"user_id":"u"},"t":"presence_update"}'
+    )
 
 
 def test_auth_messages() -> None:
     assert envelope.AUTH_REQUIRED_MESSAGE == "No JWT cookie or Authorization header"
     frame = json.loads(envelope.auth_error("AUTH_FAILED", envelope.AUTH_FAILED_MESSAGE, 1000))
-    assert frame["p"] == {"code": "AUTH_FAILED", "message": "Authentication failed",
-                          "timestamp": "1970-01-01T00:00:01.000Z"}
+    assert frame["p"] == {
+        "code": "AUTH_FAILED",
+        "message": "Authentication failed",
+        "timestamp": "1970-01-01T00:00:01.000Z",
+    }
     assert list(frame) == ["c", "p", "t", "v"]

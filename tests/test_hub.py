@@ -318,7 +318,9 @@ def test_drain_closes_everyone_with_the_code_and_refuses_new_connections() -> No
     net = Net()
     a, b = net.connect(), net.connect()
     late = net.connect(pump=False)
+    drain(net)
     net.core.drain(4300, "maintenance")
+    assert drain(net) == [("disconnect", a.id, None), ("disconnect", b.id, None)]
     assert net.core.draining
     assert net.core.open_connection(0.0) is None
     net.pump()
@@ -344,9 +346,15 @@ def test_shutdown_closes_with_1001() -> None:
 def test_disconnect_is_a_status_less_close() -> None:
     net = Net()
     a, b = net.connect(), net.connect()
+    drain(net)
     net.core.disconnect(a.id)
     net.core.disconnect("no-such-id")
+    # The connection carries no more messages: it is gone for the app right away.
+    assert drain(net) == [("disconnect", a.id, None)]
+    assert net.core.get_connections() == [b.id]
+    assert a.id in net.core._open  # the socket stays until the transport closes it
     net.pump()
+    assert a.id not in net.core._open
     assert a.closed is not None and a.closed.code is None  # the peer sees 1005
     assert b.closed is None
     assert net.core.get_connections() == [b.id]
@@ -376,6 +384,23 @@ def test_inbound_backpressure_never_drops() -> None:
     assert net.core.inbound_resumable()  # 2 left <= low water (4 // 2)
     assert [e[2]["p"]["i"] for e in net.core.pop_inbound()] == [3, 4]
     assert net.core.pop_inbound() == []
+
+
+def test_resumable_hook_fires_once_when_a_full_queue_drains() -> None:
+    net = Net(jwt_config(max_inbound_queue_size=4))
+    resumed: list[int] = []
+    net.core.on_inbound_resumable = lambda: resumed.append(net.core.inbound_queue_depth())
+    p = net.connect()
+    _send_n(net, p, 2)  # 3 queued: below the limit, no pause
+    net.core.pop_inbound(3)
+    assert resumed == []
+    _send_n(net, p, 6)  # 6 queued: full
+    net.core.pop_inbound(3)
+    assert resumed == []  # 3 left > low water 2
+    net.core.pop_inbound(1)
+    assert resumed == [2]
+    net.core.pop_inbound()
+    assert resumed == [2]
 
 
 def test_inbound_drop_mode_counts_and_keeps_lifecycle_events() -> None:
@@ -780,7 +805,10 @@ def test_slow_consumer_disconnect_policy() -> None:
     for p in (slow, fast):
         net.core.subscribe(p.id, ["t"])
     slow.conn.transport_backlog = 100
+    drain(net)
     assert net.core.broadcast_local("t", '{"t":"x","p":1}') == 1
+    assert drain(net) == [("disconnect", slow.id, None)]
+    assert net.core.get_topic_subscriber_count("t") == 1
     slow.conn.transport_backlog = 0
     net.pump()
     assert slow.closed is not None and slow.closed.code is None
@@ -917,12 +945,15 @@ def test_unsubscribe_stops_delivery() -> None:
 def test_recovery_hook_is_the_single_payload_producer() -> None:
     """The recovery issue will stamp payloads in ``_stamp``; every fan-out goes through it."""
 
+    stamped: list[str] = []
+
     class Stamping(ServerCore):
         def _stamp(self, topic: str, payload: bytes) -> bytes:
+            stamped.append(topic)
             return b'{"tp":' + json.dumps(topic).encode() + b"," + payload[1:]
 
     rng = random.Random(3)
-    core = Stamping(jwt_config(), rand=rng.randbytes, wall_ms=lambda: WALL_MS)
+    core = Stamping(jwt_config(recovery_enabled=True), rand=rng.randbytes, wall_ms=lambda: WALL_MS)
     conn = core.open_connection(0.0)
     assert conn is not None
     key = base64.b64encode(rng.randbytes(16))
@@ -939,6 +970,12 @@ def test_recovery_hook_is_the_single_payload_producer() -> None:
     core.broadcast_local("room", '{"t":"x"}')
     out = frames(core.data_to_send(conn))
     assert out == [(TEXT, b'{"tp":"room","c":"U","t":"x"}')] * 2
+    # With recovery on, a publication nobody receives is still produced (to be stored).
+    core.broadcast_local("nobody", '{"t":"x"}')
+    assert stamped == ["room", "nobody"]
+    plain = Stamping(jwt_config(), rand=rng.randbytes, wall_ms=lambda: WALL_MS)
+    plain.broadcast_local("nobody", '{"t":"x"}')
+    assert stamped == ["room", "nobody"]  # recovery off: no work without recipients
 
 
 def test_client_frames_masked_with_literal_bytes_reach_the_queue() -> None:

@@ -26,12 +26,18 @@ json_values = st.recursive(
     | st.integers(min_value=-(2**63), max_value=2**63 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=15,
 )
-EXTRA = {"pri": st.integers(1, 10), "cid": st.text(max_size=8), "tp": st.text(max_size=8),
-         "e": st.text(alphabet="0123456789abcdef", min_size=8, max_size=8),
-         "o": st.integers(0, 2**40)}
+EXTRA = {
+    "pri": st.integers(1, 10),
+    "cid": st.text(max_size=8),
+    "tp": st.text(max_size=8),
+    "e": st.text(alphabet="0123456789abcdef", min_size=8, max_size=8),
+    "o": st.integers(0, 2**40),
+}
 events = st.builds(
     lambda t, p, extra: {"t": t, "p": p, **extra},
     st.text(min_size=1, max_size=16),
@@ -84,10 +90,18 @@ def test_send_event_frames_decode_in_wse_client(event: dict[str, Any], form: str
 def control_frames() -> list[bytes]:
     return [
         envelope.server_ready(conn_id="c-1", user_id="alice", recovery=True, wall_ms=1, rand=bytes),
-        envelope.server_hello(conn_id="c-1", encryption_public_key="QUJD", cluster=False, recovery=True,
-                              protocol_version=1, max_message_size=1_048_576,
-                              rate_limit_capacity=100_000.0, rate_limit_refill=10_000.0,
-                              ping_interval_s=25, wall_ms=2),
+        envelope.server_hello(
+            conn_id="c-1",
+            encryption_public_key="QUJD",
+            cluster=False,
+            recovery=True,
+            protocol_version=1,
+            max_message_size=1_048_576,
+            rate_limit_capacity=100_000.0,
+            rate_limit_refill=10_000.0,
+            ping_interval_s=25,
+            wall_ms=2,
+        ),
         envelope.server_ping(3),
         envelope.pong(1, 5),
         envelope.rate_limited(),
@@ -122,10 +136,21 @@ def test_wse_client_reads_what_it_needs_from_our_handshake_frames() -> None:
 
 
 def test_batches_decode_alike() -> None:
-    batch = json.dumps({"c": "WSE", "t": "batch", "p": {"messages": [
-        {"t": "a", "p": {"x": 1}, "id": "1", "seq": 1, "v": 1, "ts": "t"},
-        {"t": "b", "p": [2]}, 3, {"t": "batch", "p": {"messages": [{"t": "c"}]}},
-    ], "count": 4}})
+    batch = json.dumps(
+        {
+            "c": "WSE",
+            "t": "batch",
+            "p": {
+                "messages": [
+                    {"t": "a", "p": {"x": 1}, "id": "1", "seq": 1, "v": 1, "ts": "t"},
+                    {"t": "b", "p": [2]},
+                    3,
+                    {"t": "batch", "p": {"messages": [{"t": "c"}]}},
+                ],
+                "count": 4,
+            },
+        }
+    )
     for frame in (batch, "S" + batch, batch.encode()):
         theirs = their_codec().decode(frame)
         assert theirs == [as_wse_event(e) for e in codec.decode_server_message(frame)]
@@ -151,9 +176,13 @@ def test_wse_client_frames_decode_on_our_server(
 def test_wse_client_control_messages_are_intercepted() -> None:
     ping = their_codec().encode("ping", {"timestamp": 1795373021379})
     assert codec.decode_client_text(ping).raw_type == "ping"
-    hello = their_codec().encode("client_hello", {"protocol_version": 1, "features": {"encryption": False}})
+    hello = their_codec().encode(
+        "client_hello", {"protocol_version": 1, "features": {"encryption": False}}
+    )
     inbound = codec.decode_client_text(hello)
     assert inbound.raw_type == "client_hello" and inbound.value["c"] == "WSE"
-    pong = their_codec().encode("PONG", {"server_timestamp": "2026-11-22T18:43:47.278Z", "client_timestamp": 1})
+    pong = their_codec().encode(
+        "PONG", {"server_timestamp": "2026-11-22T18:43:47.278Z", "client_timestamp": 1}
+    )
     assert codec.decode_client_text(pong).raw_type == "PONG"
     assert envelope.ping_client_timestamp(codec.decode_client_text(ping).value) == 1795373021379

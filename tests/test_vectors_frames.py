@@ -89,7 +89,9 @@ def op_decode_server_message(inp: dict[str, Any]) -> dict[str, Any]:
 
 
 def op_zlib_decompress(inp: dict[str, Any]) -> dict[str, Any]:
-    return {"data_hex": codec.zlib_decompress(bytes.fromhex(inp["data_hex"]), inp["max_size"]).hex()}
+    return {
+        "data_hex": codec.zlib_decompress(bytes.fromhex(inp["data_hex"]), inp["max_size"]).hex()
+    }
 
 
 def op_msgpack_loads(inp: dict[str, Any]) -> dict[str, Any]:

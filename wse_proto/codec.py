@@ -25,6 +25,7 @@ from .errors import DecodeError, DecryptionError, LocalProtocolError, PayloadToo
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
+    "MSGPACK_MAX_DEPTH",
     "Inbound",
     "decode_client_binary",
     "decode_client_plaintext",

@@ -46,6 +46,7 @@ from .events import (
     BytesReceived,
     Connected,
     ConnectionClosed,
+    Event,
     MessageReceived,
     TextReceived,
 )
@@ -203,8 +204,12 @@ class ServerCore:
         )
         self._drop_inbound = config.inbound_overflow == "drop"
         self._inbound_added = False
+        self._inbound_paused = False  # the queue reached its limit since the last resume
         self.on_inbound: Callable[[], None] | None = None
         """Called after events were queued (e.g. to wake a blocked ``drain_inbound``)."""
+        self.on_inbound_resumable: Callable[[], None] | None = None
+        """Called by :meth:`pop_inbound` when a queue that was full drains to the low-water
+        mark, so a transport in another thread can resume reading."""
         # Output bookkeeping. A fan-out records its whole recipient map in _dirty_maps
         # (one entry per publication, merged at take_dirty) instead of one entry per
         # recipient; whoever leaves a map before the merge is added to _dirty directly.
@@ -312,9 +317,21 @@ class ServerCore:
         self._dirty.pop(conn.conn_id, None)
 
     def _after_io(self, conn: ServerConnection) -> None:
+        """Process what a transport call produced; the conn is flushed via take_dirty."""
         self._process(conn)
         if conn.pending_bytes:
             self._dirty[conn.conn_id] = conn
+        self._notify_inbound()
+
+    def _closed_by_app(self, conn: ServerConnection) -> None:
+        """After an app-side ``close()``: unregister at once (ConnectionClosed is already
+        emitted: the connection carries no more messages) and queue ``disconnect``."""
+        self._process(conn)
+        if conn.pending_bytes:
+            self._dirty[conn.conn_id] = conn
+        self._notify_inbound()
+
+    def _notify_inbound(self) -> None:
         if self._inbound_added:
             self._inbound_added = False
             if self.on_inbound is not None:
@@ -322,9 +339,14 @@ class ServerCore:
 
     def _process(self, conn: ServerConnection) -> None:
         """Turn the machine's events into hub state and inbound tuples (§10.4)."""
-        events = conn.events_received()
-        if not events:
-            return
+        while events := conn.events_received():
+            self._dispatch(conn, events)
+        # Counters kept by the machine itself.
+        if conn.decrypt_failures:
+            self.metrics.decrypt_failures += conn.decrypt_failures
+            conn.decrypt_failures = 0
+
+    def _dispatch(self, conn: ServerConnection, events: list[Event]) -> None:
         cid = conn.conn_id
         metrics = self.metrics
         for ev in events:
@@ -343,10 +365,6 @@ class ServerCore:
                 self._unregister(conn)
             elif isinstance(ev, AuthRejected):
                 metrics.auth_failures += 1
-        # Counters kept by the machine itself.
-        if conn.decrypt_failures:
-            metrics.decrypt_failures += conn.decrypt_failures
-            conn.decrypt_failures = 0
 
     def _push(self, item: InboundEvent, *, lifecycle: bool = False) -> None:
         """Queue a drain tuple. Without ``inbound_overflow="drop"`` nothing is ever
@@ -359,6 +377,8 @@ class ServerCore:
             return
         queue.append(item)
         self._inbound_added = True
+        if len(queue) >= self._inbound_max and not self._drop_inbound:
+            self._inbound_paused = True
 
     def _register(self, conn: ServerConnection, ev: Connected) -> None:
         cid = conn.conn_id
@@ -411,9 +431,14 @@ class ServerCore:
         if n == len(queue):
             items = list(queue)
             queue.clear()
-            return items
-        popleft = queue.popleft
-        return [popleft() for _ in range(n)]
+        else:
+            popleft = queue.popleft
+            items = [popleft() for _ in range(n)]
+        if self._inbound_paused and len(queue) <= self._inbound_low:
+            self._inbound_paused = False
+            if self.on_inbound_resumable is not None:
+                self.on_inbound_resumable()
+        return items
 
     # ------------------------------------------------------------------ app API: sends
 
@@ -546,9 +571,11 @@ class ServerCore:
         returns None; the facade drops it).
         """
         self.metrics.count_topic(topic, self._is_active_topic)
-        payload = self._stamp(topic, envelope.inject_category(text).encode("utf-8"))
         targets = self._targets(topic)
         groups = self._groups.get(topic)
+        if not targets and not groups and not self.config.recovery_enabled:
+            return 0  # nobody to deliver to and nothing to record
+        payload = self._stamp(topic, envelope.inject_category(text).encode("utf-8"))
         if not targets and not groups:
             return 0
         frame = text_frame(payload)
@@ -627,7 +654,7 @@ class ServerCore:
         self.metrics.slow_consumer_drops += 1
         if self._disconnect_slow and conn.state is _OPEN:
             conn.close(None)
-            self._dirty[conn.conn_id] = conn
+            self._closed_by_app(conn)
 
     # ------------------------------------------------------------------ app API: subscriptions
 
@@ -781,16 +808,16 @@ class ServerCore:
             return
         was_clean = self._clean()
         member.conn.close(None)
-        self._dirty[conn_id] = member.conn
+        self._closed_by_app(member.conn)
         self._woken(was_clean)
 
     def _close_all(self, code: int | None, reason: str) -> None:
         self._draining = True
         self._drain_close = (code, reason)
         was_clean = self._clean()
-        for cid, member in self._members.items():
-            member.conn.close(code, reason)
-            self._dirty[cid] = member.conn
+        for conn in list(self._registered.values()):
+            conn.close(code, reason)
+            self._closed_by_app(conn)
         self._woken(was_clean)
 
     def drain(self, close_code: int = 4300, reason: str = "") -> None:

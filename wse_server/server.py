@@ -273,6 +273,12 @@ class WSEServer:
             return
         loop = self._serving_loop
         if loop is not None:  # serving inside an application's event loop
+            try:
+                current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                current = None
+            if current is loop:
+                raise RuntimeError("stop() would block the serving loop; use await aclose()")
             stop_async = getattr(transport, "stop_async", None)
             if stop_async is not None:
                 future = asyncio.run_coroutine_threadsafe(stop_async(STOP_GRACE), loop)
@@ -403,15 +409,11 @@ class WSEServer:
                     )
                 finally:
                     self._drain_waiters -= 1
-                if stop.is_set() and (self._mode != "callbacks" or self._transport is None):
-                    # Deliver what is left (final disconnects) unless drain mode took over.
-                    if self._mode != "callbacks":
-                        return
-                    batch = self._pop(256)
-                    if not batch:
-                        return
-                else:
-                    batch = self._pop(256)
+                # After stop(), what is left (the final disconnects) is still delivered;
+                # after a switch to drain mode, nothing more is taken here.
+                batch = self._pop(256) if self._mode == "callbacks" else []
+                if not batch and stop.is_set():
+                    return
                 cookies = self._auth_cookies(batch)
             self._run_callbacks(batch, cookies)
 

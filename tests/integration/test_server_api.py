@@ -358,6 +358,16 @@ def test_serve_coroutine_and_uvloop_transport() -> None:
         ws.close()
         await server.aclose()
         await asyncio.wait_for(task, 5)
+        assert not server.is_running()
+        # stop() from another thread also works while serving inside this loop
+        task = asyncio.create_task(server.serve())
+        while not server.is_running():
+            await asyncio.sleep(0.01)
+        with pytest.raises(RuntimeError, match="aclose"):
+            server.stop()  # from the serving loop itself it would deadlock
+        await asyncio.to_thread(server.stop)
+        await asyncio.wait_for(task, 5)
+        assert not server.is_running()
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
     server = WSEServer("127.0.0.1", 0, jwt_secret=SECRET, transport="uvloop")

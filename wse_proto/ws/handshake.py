@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-DEFAULT_MAX_HEAD_SIZE: Final = 16_384
+DEFAULT_MAX_HEAD_SIZE: Final = 32_768
 """Largest request/response head accepted (h11's own default for incomplete events)."""
 
 _HEAD_END = re.compile(rb"\n\r?\n")
