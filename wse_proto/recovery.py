@@ -247,7 +247,16 @@ class ForeignBuffer:
     ``capacity`` offsets (``high - capacity + 1 .. high``).
     """
 
-    __slots__ = ("capacity", "entries", "epoch", "epoch_hex", "high", "last_write", "nbytes", "topic")
+    __slots__ = (
+        "capacity",
+        "entries",
+        "epoch",
+        "epoch_hex",
+        "high",
+        "last_write",
+        "nbytes",
+        "topic",
+    )
 
     def __init__(self, topic: str, epoch: int, capacity: int, now: float) -> None:
         self.topic = topic
@@ -318,7 +327,7 @@ class RecoveryOutcome:
     """One topic's answer to a recovery request (PROTOCOL §13.4).
 
     ``epoch``/``offset`` is the position the client should hold afterwards (the
-    buffer's last offset, head − 1), ``count`` the number of replayed messages and
+    buffer's last offset, head - 1), ``count`` the number of replayed messages and
     ``messages`` the stamped payloads to send, in offset order (empty for a paced
     replay, see :meth:`RecoveryStore.begin_replay`).
     """
@@ -431,7 +440,7 @@ class RecoveryStore:
 
         epoch = 0
         for _ in range(8):
-            epoch = int.from_bytes(self._rand(4)[:4].rjust(4, b"\0"), "big")
+            epoch = int.from_bytes(self._rand(4), "big") & _MAX_EPOCH
             if not taken(epoch):
                 return epoch
         while taken(epoch):  # a degenerate rand (tests): step deterministically
@@ -492,11 +501,9 @@ class RecoveryStore:
         i = offset & buf.mask
         old = buf.slots[i]
         size = len(stamped)
-        if old is not None:
+        if old is not None:  # the ring is full: ``old`` is the tail entry
             size -= len(old)
             buf.tail += 1
-        elif buf.tail < offset - buf.mask:  # slot emptied earlier by the budget
-            buf.tail = offset - buf.mask
         buf.slots[i] = stamped
         buf.head = offset + 1
         buf.nbytes += size
@@ -639,9 +646,7 @@ class RecoveryStore:
             return RecoveryOutcome(False, 0, True, buf.epoch_hex, last)
         get = buf.get
         if not collect:
-            if isinstance(buf, ForeignBuffer) and any(
-                get(o) is None for o in range(start, head)
-            ):
+            if isinstance(buf, ForeignBuffer) and any(get(o) is None for o in range(start, head)):
                 return RecoveryOutcome(False, 0, True, buf.epoch_hex, last)
             return RecoveryOutcome(True, backlog, True, buf.epoch_hex, last)
         messages: list[bytes] = []
@@ -709,9 +714,11 @@ class RecoverySubscription:
     def epoch_hex(self) -> str:
         return format_epoch(self.epoch)
 
-    def accept_live(self) -> bool:
-        """May a live stamped message of this topic go out now? Not while replaying."""
-        return not self.pending
+    def accept_live(self, epoch: int) -> bool:
+        """May a live message stamped with ``epoch`` go out now? Not while this seam
+        still replays that epoch (the replay will reach it); other epochs (a newer
+        local buffer, another node's stream) are not ours to hold back."""
+        return not self.pending or epoch != self.epoch
 
     def pull(
         self, store: RecoveryStore, max_count: int = 64, max_bytes: int | None = None
@@ -724,9 +731,8 @@ class RecoverySubscription:
             return out
         src = store._replay_source(self.topic, self.epoch)
         if src is None:
-            src = self._switch(store)
-            if src is None:
-                return out
+            self._lost(store)
+            return out
         if self.next_offset < src.tail:
             self.gaps += 1
             self.next_offset = src.tail
@@ -751,19 +757,13 @@ class RecoverySubscription:
             self.pending = False
         return out
 
-    def _switch(self, store: RecoveryStore) -> _Buffer | None:
-        """Our history is gone (TTL, budget). A newer local buffer holds only messages
-        published after we started, so continue there from its oldest entry."""
-        final_head = store._retired_head(self.topic, self.epoch)
-        if final_head is None or final_head > self.next_offset:
-            self.gaps += 1  # something we still owed was lost with the buffer
-        buf = store._local.get(self.topic)
-        if buf is None:
-            self.pending = False
-            return None
-        self.epoch = buf.epoch
-        self.next_offset = 0
-        return buf
+    def _lost(self, store: RecoveryStore) -> None:
+        """Our buffer is gone (TTL, budget). Messages of a newer buffer have a new
+        epoch and went out live, so the replay simply ends; it counts a gap unless
+        the old buffer ended exactly where we were."""
+        if store._retired_head(self.topic, self.epoch) != self.next_offset:
+            self.gaps += 1
+        self.pending = False
 
 
 # --------------------------------------------------------------------------- wire helpers
