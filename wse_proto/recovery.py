@@ -55,6 +55,8 @@ _HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
 _JSON_WS: Final = b" \t\n\r"
 _OPEN: Final = 0x7B  # "{"
 _CLOSE: Final = 0x7D  # "}"
+_JOIN_MIN: Final = 4096
+"""From this size on, splice without copying the payload tail first."""
 _RETIRED_MAX: Final = 16384
 """Epochs of removed buffers remembered (to avoid reusing one for the same topic)."""
 
@@ -166,7 +168,13 @@ def _stamp_prefix(topic: str, epoch_hex: str) -> bytes:
 
 
 def _splice(prefix: bytes, offset: int, payload: bytes, start: int) -> bytes:
-    sep = b"%d" if _is_empty_object(payload, start) else b"%d,"
+    # The usual object opens with a key; only otherwise look for an empty object.
+    if payload[start + 1 : start + 2] == b'"' or not _is_empty_object(payload, start):
+        sep = b"%d,"
+    else:
+        sep = b"%d"
+    if len(payload) < _JOIN_MIN:
+        return prefix + sep % offset + payload[start + 1 :]
     return b"".join((prefix, sep % offset, memoryview(payload)[start + 1 :]))
 
 
@@ -383,6 +391,7 @@ class RecoveryStore:
     """
 
     __slots__ = (
+        "_budget",
         "_capacity",
         "_clock",
         "_foreign",
@@ -391,6 +400,7 @@ class RecoveryStore:
         "_rand",
         "_retired",
         "_total",
+        "_ttl",
         "config",
     )
 
@@ -398,6 +408,8 @@ class RecoveryStore:
         self.config = config if config is not None else RecoveryConfig()
         self._rand = rand
         self._capacity = self.config.capacity
+        self._ttl: float = self.config.ttl
+        self._budget: int = self.config.memory_budget
         self._local: dict[str, TopicBuffer] = {}
         self._foreign: dict[tuple[str, int], ForeignBuffer] = {}
         self._lru: OrderedDict[_Buffer, None] = OrderedDict()
@@ -414,7 +426,7 @@ class RecoveryStore:
         return self._clock
 
     def _expired(self, buf: _Buffer, now: float) -> bool:
-        return now - buf.last_write >= self.config.ttl
+        return now - buf.last_write >= self._ttl
 
     def _drop(self, buf: _Buffer) -> None:
         del self._lru[buf]
@@ -448,7 +460,7 @@ class RecoveryStore:
         return epoch
 
     def _enforce_budget(self, keep: _Buffer) -> None:
-        budget = self.config.memory_budget
+        budget = self._budget
         lru = self._lru
         while self._total > budget:
             victim = next(iter(lru))
@@ -481,12 +493,18 @@ class RecoveryStore:
         ``ttl`` is replaced by a new one (new epoch) even before :meth:`expire` runs.
         The returned bytes object is the one stored: send it as it is.
         """
-        start = _object_start(payload)
-        if start < 0:
-            return None
-        now = self._tick(now)
+        if payload[:1] == b"{":
+            start = 0
+        else:
+            start = _object_start(payload)
+            if start < 0:
+                return None
+        if now > self._clock:
+            self._clock = now
+        else:
+            now = self._clock
         buf = self._local.get(topic)
-        if buf is None or now - buf.last_write >= self.config.ttl:
+        if buf is None or now - buf.last_write >= self._ttl:
             if buf is not None:
                 self._drop(buf)
             buf = TopicBuffer(topic, self._new_epoch(topic), self._capacity, now)
@@ -496,8 +514,7 @@ class RecoveryStore:
             self._lru.move_to_end(buf)
             buf.last_write = now
         offset = buf.head
-        sep = b"%d" if _is_empty_object(payload, start) else b"%d,"
-        stamped = b"".join((buf.prefix, sep % offset, memoryview(payload)[start + 1 :]))
+        stamped = _splice(buf.prefix, offset, payload, start)
         i = offset & buf.mask
         old = buf.slots[i]
         size = len(stamped)
@@ -508,7 +525,7 @@ class RecoveryStore:
         buf.head = offset + 1
         buf.nbytes += size
         self._total += size
-        if self._total > self.config.memory_budget:
+        if self._total > self._budget:
             self._enforce_budget(buf)
         return stamped, buf.epoch, offset
 
@@ -538,7 +555,7 @@ class RecoveryStore:
             self._lru.move_to_end(buf)
             buf.last_write = now
         self._total += buf.put(off, bytes(payload))
-        if self._total > self.config.memory_budget:
+        if self._total > self._budget:
             self._enforce_budget(buf)
         return True
 
@@ -562,13 +579,13 @@ class RecoveryStore:
     def next_deadline(self) -> float | None:
         """When the least recently written buffer expires (for the TTL sweep timer)."""
         for buf in self._lru:
-            return buf.last_write + self.config.ttl
+            return buf.last_write + self._ttl
         return None
 
     def expire(self, now: float) -> int:
         """Remove buffers (local and foreign) idle for ``ttl`` or more; returns how many."""
         lru = self._lru
-        ttl = self.config.ttl
+        ttl = self._ttl
         removed = 0
         while lru:
             buf = next(iter(lru))
