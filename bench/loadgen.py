@@ -17,6 +17,9 @@ Jobs (``mode``):
 - ``connect``: ``count`` sequential connections; each sample is the time from ``connect()``
   to the first data frame (``server_ready`` or the baseline's hello).
 - ``ping``: one connection, ``count`` sequential round trips (WSE ping -> PONG, or echo).
+
+Both latency jobs may name several ``targets`` (servers); they then alternate between them
+sample by sample, so a burst of load from elsewhere on the machine hits every server alike.
 - ``idle``: open ``conns`` and hold them until ``close`` (per-connection memory).
 
 Every connection is to 127.0.0.1, sends the same upgrade request (optional extra headers
@@ -50,6 +53,8 @@ HOST = "127.0.0.1"
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 RECV_SIZE = 262144
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
+POLL_SLEEP = 0.002
+"""Seconds a fan-out worker naps after each wake-up while counting (batches the reads)."""
 INBOUND_BLOCK = 1024
 """Frames per pre-built (pre-masked) send block; blocks are re-sent to reach the count."""
 
@@ -411,9 +416,14 @@ def run_fanout(job: dict[str, Any], ctl: Control) -> None:
     t_go = t_first = t_last = cpu_go = user_go = 0.0
     counting = False
     dead = 0
+    nap = float(job.get("poll_sleep", POLL_SLEEP))
     while True:
         timeout = max(0.0, deadline - time.monotonic()) if counting else None
         events = sel.select(timeout)
+        if counting and nap:
+            # Let deliveries pile up: a worker blocked in epoll would be woken (and could
+            # preempt the server on its core) by every single segment a server writes.
+            time.sleep(nap)
         for key, _ in events:
             if key.data is None:
                 for msg in ctl.read_lines():
@@ -610,10 +620,27 @@ def open_blocking(
     return sock, counter, time.perf_counter() - t0, first
 
 
+def _targets(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The servers a latency job alternates between (``targets``, or the job's own port)."""
+    targets = job.get("targets") or [job]
+    return [
+        {
+            "port": int(t["port"]),
+            "path": t.get("path", "/"),
+            "headers": t.get("headers", []),
+            "expect": t.get("expect", "pong"),
+        }
+        for t in targets
+    ]
+
+
 def run_connect(job: dict[str, Any], ctl: Control) -> None:
-    """Sequential connections; keep them open until the end so the server has no close work."""
-    port, path, headers = int(job["port"]), job.get("path", "/"), job.get("headers", [])
-    samples: list[float] = []
+    """Sequential connections, alternating between the targets (so noise hits all alike).
+
+    Connections stay open until the end so no server does close work during the samples.
+    """
+    targets = _targets(job)
+    samples: list[list[float]] = [[] for _ in targets]
     socks: list[socket.socket] = []
     errors: list[str] = []
     warmup = int(job.get("warmup", 0))
@@ -622,14 +649,17 @@ def run_connect(job: dict[str, Any], ctl: Control) -> None:
         if time.monotonic() > deadline:
             errors.append("timeout")
             break
-        try:
-            sock, _, seconds, _ = open_blocking(port, path, headers)
-        except (OSError, ConnectionError, ValueError) as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-            continue
-        socks.append(sock)
-        if i >= warmup:
-            samples.append(seconds)
+        for j in range(len(targets)):
+            k = (i + j) % len(targets)  # rotate who goes first
+            t = targets[k]
+            try:
+                sock, _, seconds, _ = open_blocking(t["port"], t["path"], t["headers"])
+            except (OSError, ConnectionError, ValueError) as exc:
+                errors.append(f"{t['port']}: {type(exc).__name__}: {exc}")
+                continue
+            socks.append(sock)
+            if i >= warmup:
+                samples[k].append(seconds)
     ctl.send(event="samples", samples=samples, errors=len(errors), error_sample=errors[:3])
     frame = close_frame()
     for sock in socks:
@@ -639,32 +669,39 @@ def run_connect(job: dict[str, Any], ctl: Control) -> None:
 
 
 def run_ping(job: dict[str, Any], ctl: Control) -> None:
-    """Sequential round trips on one connection: WSE ping -> PONG, or text -> echo."""
-    port, path, headers = int(job["port"]), job.get("path", "/"), job.get("headers", [])
-    expect = job.get("expect", "pong")
-    sock, counter, _, _ = open_blocking(port, path, headers)
-    samples: list[float] = []
+    """Sequential round trips, one connection per target, alternating between targets.
+
+    WSE targets get ``{"t":"ping",...}`` and must answer ``PONG``; echo targets must send the
+    same text back.
+    """
+    targets = _targets(job)
+    conns = [open_blocking(t["port"], t["path"], t["headers"])[:2] for t in targets]
+    samples: list[list[float]] = [[] for _ in targets]
     bad = 0
     warmup = int(job.get("warmup", 0))
     deadline = time.monotonic() + float(job.get("seconds", 30.0))
     for i in range(warmup + int(job["count"])):
         if time.monotonic() > deadline:
             break
-        text = b'{"t":"ping","p":{"timestamp":%d}}' % int(time.time() * 1000)
-        frame = client_frame(OP_TEXT, text)
-        t0 = time.perf_counter()
-        sock.sendall(frame)
-        reply = _read_message(sock, counter)
-        t1 = time.perf_counter()
-        ok = (b'"t":"PONG"' in reply) if expect == "pong" else reply == text
-        if not ok:
-            bad += 1
-        elif i >= warmup:
-            samples.append(t1 - t0)
+        for j in range(len(targets)):
+            k = (i + j) % len(targets)
+            sock, counter = conns[k]
+            text = b'{"t":"ping","p":{"timestamp":%d}}' % int(time.time() * 1000)
+            frame = client_frame(OP_TEXT, text)
+            t0 = time.perf_counter()
+            sock.sendall(frame)
+            reply = _read_message(sock, counter)
+            t1 = time.perf_counter()
+            ok = (b'"t":"PONG"' in reply) if targets[k]["expect"] == "pong" else reply == text
+            if not ok:
+                bad += 1
+            elif i >= warmup:
+                samples[k].append(t1 - t0)
     ctl.send(event="samples", samples=samples, errors=bad, error_sample=[])
-    with contextlib.suppress(OSError):
-        sock.send(close_frame())
-    sock.close()
+    for sock, _ in conns:
+        with contextlib.suppress(OSError):
+            sock.send(close_frame())
+        sock.close()
 
 
 def run_idle(job: dict[str, Any], ctl: Control) -> None:

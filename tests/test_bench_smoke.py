@@ -142,42 +142,60 @@ def test_table_ratios_and_targets():
     assert rows["loss (msgs)"][6:] == ["yes", "NO"]
 
 
+@pytest.fixture(scope="module")
+def servers():
+    """The websockets baseline and the wse-py asyncio server, as the benchmark runs them."""
+    secret = base64.b64encode(os.urandom(33))
+    token = bs.make_token(secret)
+    started = {}
+    try:
+        for kind in ("websockets", "asyncio"):
+            started[kind] = bs.start_server(kind, secret, token)
+        yield started
+    finally:
+        for server in started.values():
+            server.child.stop(5.0, command={"cmd": "stop"})
+        assert not any(server.child.alive() for server in started.values())
+
+
 @pytest.mark.loopback
 @pytest.mark.parametrize("kind", ["websockets", "asyncio"])
-def test_harness_counts_exactly_against_server(kind):
-    secret = base64.b64encode(os.urandom(33))
-    server = bs.start_server(kind, secret, bs.make_token(secret))
+def test_harness_counts_fanout_and_inbound_exactly(servers, kind):
+    server = servers[kind]
+    # Fan-out: 10 subscribers x 30 publications = 300 deliveries, every one counted.
+    workers = bs._workers(server, "fanout", 10, concurrency=10)
     try:
-        # Fan-out: 10 subscribers x 30 publications = 300 deliveries, every one counted.
-        workers = bs._workers(server, "fanout", 10, concurrency=10)
-        try:
-            server.child.send(cmd="wait_subs", n=10, timeout=20.0)
-            assert server.child.expect("subs", 30.0)["n"] == 10
-            for count in (30, 7):
-                run = bs.fanout_run(server, workers, 10, count)
-                assert run["delivered"] == run["expected"] == 10 * count
-                assert run["excess"] == 0 and run["lost"] == 0
-        finally:
-            bs._stop_workers(server, workers)
-
-        # Inbound: 2 connections x 150 messages, all handled by the application, none lost.
-        workers = bs._workers(server, "inbound", 2, payload=bs.INBOUND_PAYLOAD)
-        try:
-            server.child.send(cmd="wait_subs", n=2, timeout=20.0)
-            server.child.expect("subs", 30.0)
-            run = bs.inbound_run(server, workers, 2, 150)
-            assert run["sent"] == run["handled"] == run["expected"] == 300
-            assert run["lost"] == 0
-        finally:
-            bs._stop_workers(server, workers)
-
-        # Latency samples: one per round trip / connection, after the warm-up ones.
-        ping = {"mode": "ping", "path": server.echo_path, "expect": server.pong}
-        assert len(bs._sampled(server, {**ping, "count": 25, "warmup": 5})) == 25
-        assert len(bs._sampled(server, {"mode": "connect", "count": 12, "warmup": 3})) == 12
+        server.child.send(cmd="wait_subs", n=10, timeout=20.0)
+        assert server.child.expect("subs", 30.0)["n"] == 10
+        for count in (30, 7):
+            run = bs.fanout_run(server, workers, 10, count)
+            assert run["delivered"] == run["expected"] == 10 * count
+            assert run["excess"] == 0 and run["lost"] == 0
     finally:
-        server.child.stop(5.0, command={"cmd": "stop"})
-    assert not server.child.alive()
+        bs._stop_workers(server, workers)
+
+    # Inbound: 2 connections x 150 messages, all handled by the application, none lost.
+    workers = bs._workers(server, "inbound", 2, payload=bs.INBOUND_PAYLOAD)
+    try:
+        server.child.send(cmd="wait_subs", n=2, timeout=20.0)
+        server.child.expect("subs", 30.0)
+        run = bs.inbound_run(server, workers, 2, 150)
+        assert run["sent"] == run["handled"] == run["expected"] == 300
+        assert run["lost"] == 0
+    finally:
+        bs._stop_workers(server, workers)
+    server.child.send(cmd="count")
+    assert server.child.expect("count", 10.0) == {"event": "count", "n": 300, "dropped": 0}
+
+
+@pytest.mark.loopback
+def test_latency_jobs_alternate_and_sample_every_server(servers):
+    both = [servers["websockets"], servers["asyncio"]]
+    ping = bs._sampled(both, {"mode": "ping", "path": None, "count": 25, "warmup": 5})
+    connect = bs._sampled(both, {"mode": "connect", "path": "/", "count": 12, "warmup": 3})
+    assert [len(s) for s in ping] == [25, 25]
+    assert [len(s) for s in connect] == [12, 12]
+    assert all(x > 0 for s in ping + connect for x in s)
 
 
 def test_failed_server_start_is_reported():

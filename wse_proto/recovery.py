@@ -568,6 +568,11 @@ class RecoveryStore:
             return None
         return buf.epoch_hex, buf.head - 1
 
+    def held(self, topic: str) -> range:
+        """Offsets the topic's local buffer still holds (empty range if none)."""
+        buf = self._local.get(topic)
+        return range(0) if buf is None else range(buf.tail, buf.head)
+
     def stats(self) -> tuple[int, int]:
         """``(local topic buffers, stored payload bytes incl. foreign buffers)``."""
         return len(self._local), self._total
