@@ -186,5 +186,7 @@ def test_capture_shows_the_documented_behaviour() -> None:
     refused = [recs for name, recs in CONNECTIONS.items() if name.startswith("proxy to A")]
     assert refused and all([r["type"] for r in recs] == ["HELLO"] for recs in refused)
     # A (lower id) dialing B formed the link; setup order RESYNC, PEER_ANNOUNCE, PEER_LIST (§8.1).
-    from_b = next(recs for name, recs in CONNECTIONS.items() if name.startswith("proxy to B #1 from"))
+    from_b = next(
+        recs for name, recs in CONNECTIONS.items() if name.startswith("proxy to B #1 from")
+    )
     assert [r["type"] for r in from_b[:4]] == ["HELLO", "RESYNC", "PEER_ANNOUNCE", "PEER_LIST"]

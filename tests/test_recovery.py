@@ -596,17 +596,17 @@ def test_paced_replay_holds_back_live_messages_until_caught_up() -> None:
     outcome_, seam = s.begin_replay("t", "dc81257d", 2, 0.0)
     assert (outcome_.recovered, outcome_.count, outcome_.messages) == (True, 7, [])
     assert seam is not None and seam.pending and seam.epoch_hex == "dc81257d"
-    got = seam.pull(s, max_count=3)
+    got = seam.pull(max_count=3)
     assert got == sent[3:6]
     live = s.publish("t", b'{"live":1}', 0.0)  # offset 10 published mid-replay
     assert live is not None and not seam.accept_live(live[1])
     assert seam.accept_live(0x12345678)  # another epoch's stream is not ours to hold
-    rest = seam.pull(s, max_count=100)
+    rest = seam.pull(max_count=100)
     assert rest == [*sent[6:], live[0]]
     assert not seam.pending and seam.gaps == 0 and seam.delivered == 8
     nxt = s.publish("t", b"{}", 0.0)
     assert nxt is not None and seam.accept_live(nxt[1])
-    assert seam.pull(s) == []
+    assert seam.pull() == []
 
 
 def test_seam_is_none_when_there_is_nothing_to_replay() -> None:
@@ -623,9 +623,9 @@ def test_seam_pull_respects_max_bytes_but_always_progresses() -> None:
     sent = fill(s, "t", 5)
     _, seam = s.begin_replay("t", "dc81257d", 0, 0.0)
     assert seam is not None
-    assert seam.pull(s, max_bytes=1) == [sent[1]]
-    assert seam.pull(s, max_bytes=len(sent[2]) + len(sent[3])) == sent[2:4]
-    assert seam.pull(s, max_bytes=0) == [sent[4]] and not seam.pending
+    assert seam.pull(max_bytes=1) == [sent[1]]
+    assert seam.pull(max_bytes=len(sent[2]) + len(sent[3])) == sent[2:4]
+    assert seam.pull(max_bytes=0) == [sent[4]] and not seam.pending
 
 
 def test_seam_counts_a_gap_when_the_ring_overtakes_it() -> None:
@@ -633,9 +633,9 @@ def test_seam_counts_a_gap_when_the_ring_overtakes_it() -> None:
     sent = fill(s, "t", 16)
     _, seam = s.begin_replay("t", "dc81257d", 0, 0.0)
     assert seam is not None
-    assert seam.pull(s, max_count=2) == sent[1:3]
+    assert seam.pull(max_count=2) == sent[1:3]
     more = fill(s, "t", 10)  # offsets 16..25: ring now holds 10..25, 3..9 lost
-    got = seam.pull(s, max_count=100)
+    got = seam.pull(max_count=100)
     assert seam.gaps == 1 and got == [*sent[10:], *more]
 
 
@@ -644,24 +644,24 @@ def test_seam_ends_honestly_when_its_buffer_disappears() -> None:
     sent = fill(s, "t", 4, now=0.0)
     _, seam = s.begin_replay("t", "dc81257d", 0, 0.0)
     assert seam is not None
-    assert seam.pull(s, max_count=1) == [sent[1]]
+    assert seam.pull(max_count=1) == [sent[1]]
     s.expire(6.0)
-    assert seam.pull(s) == [] and not seam.pending and seam.gaps == 1
+    assert seam.pull() == [] and not seam.pending and seam.gaps == 1
 
 
 def test_seam_no_gap_when_the_buffer_ended_where_the_replay_was() -> None:
     s = store(ttl=5.0)
     sent = fill(s, "t", 3, now=0.0)
     _, seam = s.begin_replay("t", "dc81257d", 0, 0.0)
-    assert seam is not None and seam.pull(s, max_count=2) == sent[1:]
+    assert seam is not None and seam.pull(max_count=2) == sent[1:]
     # pull() saw the head: done. A hub keeping the seam longer still gets nothing twice.
     assert not seam.pending
     s2 = store(ttl=5.0)
     sent2 = fill(s2, "t", 3, now=0.0)
     _, seam2 = s2.begin_replay("t", "dc81257d", 0, 0.0)
-    assert seam2 is not None and seam2.pull(s2, max_count=1) == [sent2[1]]
+    assert seam2 is not None and seam2.pull(max_count=1) == [sent2[1]]
     s2.publish("t", b"{}", 1.0)  # offset 3, held back (pending)
-    assert seam2.pull(s2, max_count=2) == [
+    assert seam2.pull(max_count=2) == [
         sent2[2],
         s2.recover("t", "dc81257d", 2, 1.0).messages[0],
     ]
@@ -698,7 +698,7 @@ def test_seam_delivers_through_the_published_client_without_gaps_or_duplicates()
     assert seam is not None
     rng = random.Random(3)
     while seam.pending:
-        for b in seam.pull(s, max_count=rng.randint(1, 3)):
+        for b in seam.pull(max_count=rng.randint(1, 3)):
             deliver(b)
         res = s.publish("room", b'{"t":"x"}', 0.0)
         assert res is not None

@@ -207,8 +207,12 @@ class RecoveryMachine(RuleBasedStateMachine):
             if session is None:
                 continue
             seam = session.seam
-            if seam is not None and session.done_at is None and not seam.accept_live(epoch):
-                continue  # held back: the replay will get to it
+            if seam is not None and session.done_at is None:
+                if not seam.accept_live(epoch):
+                    continue  # held back: the replay will get to it
+                if not seam.pending:  # a new epoch: the replayed buffer is gone
+                    session.done_at = len(self.log[topic]) - 1
+                    event("replay ended by a new epoch")
             self.deliver(client, session, stamped)
 
     @precondition(lambda self: any(not c.connected for c in self.clients.values()))
@@ -316,7 +320,7 @@ class RecoveryMachine(RuleBasedStateMachine):
         ]
         client, session = data.draw(st.sampled_from(pending))
         assert session.seam is not None
-        batch = session.seam.pull(self.store, max_count=count, max_bytes=max_bytes)
+        batch = session.seam.pull(max_count=count, max_bytes=max_bytes)
         assert len(batch) <= count
         if max_bytes is not None and len(batch) > 1:
             assert sum(len(b) for b in batch) <= max_bytes
@@ -325,6 +329,32 @@ class RecoveryMachine(RuleBasedStateMachine):
         if not session.seam.pending:
             session.done_at = len(self.log[session.topic])
             event(f"replay finished, gaps={min(session.seam.gaps, 1)}")
+
+    @precondition(
+        lambda self: any(
+            s.done_at is None for c in self.clients.values() for s in c.sessions.values()
+        )
+    )
+    @rule(data=st.data(), every=st.integers(2, 4), size=st.integers(0, 80))
+    def drain_while_publishing(self, data: st.DataObject, every: int, size: int) -> None:
+        """Pull small batches of one replay with a publication to its topic between them."""
+        pending = [
+            (c, s) for c in self.clients.values() for s in c.sessions.values() if s.done_at is None
+        ]
+        client, session = data.draw(st.sampled_from(pending))
+        assert session.seam is not None
+        for _ in range(40):
+            if session.done_at is not None:
+                break
+            for msg in session.seam.pull(max_count=every):
+                self.deliver(client, session, msg)
+            if not session.seam.pending:
+                session.done_at = len(self.log[session.topic])
+                event(f"replay drained, gaps={min(session.seam.gaps, 1)}")
+                break
+            self.publish(session.topic, "obj", size)
+            self.check_sessions()
+        assert session.done_at is not None, "a replay catches up when pulled faster than fed"
 
     @precondition(lambda self: any(c.connected for c in self.clients.values()))
     @rule(data=st.data())
@@ -401,8 +431,8 @@ class RecoveryMachine(RuleBasedStateMachine):
 
 
 RecoveryMachine.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=50,
+    max_examples=400,
+    stateful_step_count=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )

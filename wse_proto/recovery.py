@@ -464,7 +464,7 @@ class RecoveryStore:
         lru = self._lru
         while self._total > budget:
             victim = next(iter(lru))
-            if victim is keep:  # the buffer being written is the only one left
+            if victim is not keep:  # the buffer being written is the only one left
                 while self._total > budget and keep.nbytes:
                     self._total -= keep.evict_oldest()
                 return
@@ -635,7 +635,7 @@ class RecoveryStore:
         if not outcome.recovered or outcome.count == 0:
             return outcome, None
         assert epoch is not None and offset is not None  # recovered implies both
-        seam = RecoverySubscription(topic, parse_epoch(epoch), parse_offset(offset) + 1)
+        seam = RecoverySubscription(self, topic, parse_epoch(epoch), parse_offset(offset) + 1)
         return outcome, seam
 
     def _judge(
@@ -722,9 +722,10 @@ class RecoverySubscription:
     the hole and counts it in :attr:`gaps` (the client then sees an ordinary gap).
     """
 
-    __slots__ = ("delivered", "epoch", "gaps", "next_offset", "pending", "topic")
+    __slots__ = ("_store", "delivered", "epoch", "gaps", "next_offset", "pending", "topic")
 
-    def __init__(self, topic: str, epoch: int, next_offset: int) -> None:
+    def __init__(self, store: RecoveryStore, topic: str, epoch: int, next_offset: int) -> None:
+        self._store = store
         self.topic = topic
         self.epoch = epoch
         self.next_offset = next_offset
@@ -738,22 +739,27 @@ class RecoverySubscription:
 
     def accept_live(self, epoch: int) -> bool:
         """May a live message stamped with ``epoch`` go out now? Not while this seam
-        still replays that epoch (the replay will reach it); other epochs (a newer
-        local buffer, another node's stream) are not ours to hold back."""
-        return not self.pending or epoch != self.epoch
+        still replays that epoch (the replay will reach it). Another epoch is either
+        another node's stream, not ours to hold back, or a newer local buffer, which
+        means ours is gone: the replay ends there (with a gap if it was behind)."""
+        if not self.pending:
+            return True
+        if epoch == self.epoch:
+            return False
+        if self._store._replay_source(self.topic, self.epoch) is None:
+            self._lost()
+        return True
 
-    def pull(
-        self, store: RecoveryStore, max_count: int = 64, max_bytes: int | None = None
-    ) -> list[bytes]:
+    def pull(self, max_count: int = 64, max_bytes: int | None = None) -> list[bytes]:
         """The next replay batch, in offset order: at most ``max_count`` messages and,
         beyond the first, at most ``max_bytes`` bytes. Clears :attr:`pending` once it
         has caught up with the buffer's head."""
         out: list[bytes] = []
         if not self.pending:
             return out
-        src = store._replay_source(self.topic, self.epoch)
+        src = self._store._replay_source(self.topic, self.epoch)
         if src is None:
-            self._lost(store)
+            self._lost()
             return out
         if self.next_offset < src.tail:
             self.gaps += 1
@@ -779,11 +785,11 @@ class RecoverySubscription:
             self.pending = False
         return out
 
-    def _lost(self, store: RecoveryStore) -> None:
+    def _lost(self) -> None:
         """Our buffer is gone (TTL, budget). Messages of a newer buffer have a new
         epoch and went out live, so the replay simply ends; it counts a gap unless
         the old buffer ended exactly where we were."""
-        if store._retired_head(self.topic, self.epoch) != self.next_offset:
+        if self._store._retired_head(self.topic, self.epoch) != self.next_offset:
             self.gaps += 1
         self.pending = False
 

@@ -279,10 +279,8 @@ class WSEServer:
                 current = None
             if current is loop:
                 raise RuntimeError("stop() would block the serving loop; use await aclose()")
-            stop_async = getattr(transport, "stop_async", None)
-            if stop_async is not None:
-                future = asyncio.run_coroutine_threadsafe(stop_async(STOP_GRACE), loop)
-                future.result(STOP_GRACE + 5.0)
+            future = asyncio.run_coroutine_threadsafe(transport.stop_async(STOP_GRACE), loop)
+            future.result(STOP_GRACE + 5.0)
         else:
             transport.stop(STOP_GRACE)
         self._stopped()
@@ -628,8 +626,7 @@ class WSEServer:
         work without blocking the loop.
         """
         transport = self._make_transport()
-        serve = getattr(transport, "serve", None)
-        if serve is None:
+        if not transport.supports_serve:
             raise RuntimeError(f"the {self.transport_name} transport cannot run in an event loop")
         loop = asyncio.get_running_loop()
 
@@ -640,7 +637,7 @@ class WSEServer:
                 self._after_start()
 
         try:
-            await serve(on_ready)
+            await transport.serve(on_ready)
         finally:
             if self._transport is transport:
                 self._stopped()
@@ -651,8 +648,7 @@ class WSEServer:
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
         transport = self._make_transport()
-        serve = getattr(transport, "serve", None)
-        if serve is None:
+        if not transport.supports_serve:
             raise RuntimeError(f"the {self.transport_name} transport cannot run in an event loop")
 
         def on_ready(exc: BaseException | None) -> None:
@@ -667,7 +663,7 @@ class WSEServer:
 
         async def run() -> None:
             try:
-                await serve(on_ready)
+                await transport.serve(on_ready)
             finally:
                 if self._transport is transport:
                     self._stopped()
@@ -693,9 +689,7 @@ class WSEServer:
         if transport is None:
             return
         if self._serving_loop is asyncio.get_running_loop():
-            stop_async = getattr(transport, "stop_async", None)
-            if stop_async is not None:
-                await stop_async(STOP_GRACE)
+            await transport.stop_async(STOP_GRACE)
             self._stopped()
         else:
             await asyncio.get_running_loop().run_in_executor(None, self.stop)

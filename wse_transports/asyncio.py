@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from wse_proto._defaults import monotonic
-from wse_proto.server import ConnectionState
+from wse_proto.server import ConnectionState, ServerConnection
 
 from .base import Transport
 
@@ -80,7 +80,7 @@ class _Conn(asyncio.Protocol):
     def __init__(self, pump: AsyncioTransport) -> None:
         self.pump = pump
         self.transport: asyncio.Transport | None = None
-        self.conn: Any = None
+        self.conn: ServerConnection | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = math.inf
         self.closing = False
@@ -119,6 +119,7 @@ class AsyncioTransport(Transport):
     """
 
     name = "asyncio"
+    supports_serve = True
 
     def __init__(
         self,
@@ -200,7 +201,7 @@ class AsyncioTransport(Transport):
             except BaseException as exc:  # reported to start() when it happens early
                 if not ready.is_set():
                     on_ready(exc)
-                else:
+                elif not failure:
                     log.exception("event loop crashed")
             finally:
                 with contextlib.suppress(Exception):
@@ -243,11 +244,9 @@ class AsyncioTransport(Transport):
                 backlog=self.backlog,
                 reuse_address=True,
             )
-        except BaseException as exc:
+        except BaseException as exc:  # bind error: reported, then raised to serve()'s caller
             self._loop = None
             on_ready(exc)
-            if isinstance(exc, Exception):
-                return
             raise
         self._server = server
         sockets = server.sockets or ()
@@ -452,9 +451,9 @@ class AsyncioTransport(Transport):
                 continue
             self._flush_one(c, conn)
 
-    def _flush_one(self, c: _Conn, conn: Any) -> None:
+    def _flush_one(self, c: _Conn, conn: ServerConnection) -> None:
         transport = c.transport
-        data = conn.data_to_send()
+        data = self.core.data_to_send(conn)
         if transport is None or c.lost:
             return
         if data and not c.closing:
@@ -465,14 +464,14 @@ class AsyncioTransport(Transport):
     def _settle(self, c: _Conn) -> None:
         """Close the socket if the machine is done with it, else re-arm its timer."""
         # Lock held.
-        if c.closing or c.lost:
-            return
         conn = c.conn
+        if c.closing or c.lost or conn is None:
+            return
         if conn.wants_close:
             transport = c.transport
             assert transport is not None and self._loop is not None
             if conn.pending_bytes:
-                transport.write(conn.data_to_send())
+                transport.write(self.core.data_to_send(conn))
             c.closing = True
             transport.close()  # flushes what is buffered, then closes
             if c.timer is not None:
@@ -486,7 +485,10 @@ class AsyncioTransport(Transport):
 
     def _arm(self, c: _Conn) -> None:
         # Lock held. Re-arm only when the machine's deadline moved earlier.
-        deadline = c.conn.next_deadline()
+        conn = c.conn
+        if conn is None:
+            return
+        deadline = conn.next_deadline()
         if deadline is None or deadline >= c.timer_at:
             return
         if c.timer is not None:

@@ -86,6 +86,20 @@ class Transport(ABC):
     def running(self) -> bool:
         """True between a successful ``start()`` and ``stop()``."""
 
+    #: True when :meth:`serve` can run the transport inside the caller's asyncio loop.
+    supports_serve: bool = False
+
+    async def serve(self, on_ready: Callable[[BaseException | None], None] | None = None) -> None:
+        """Serve inside the running asyncio loop until :meth:`stop_async` or cancellation.
+
+        ``on_ready`` is called once listening (``None``) or with the bind error.
+        """
+        raise NotImplementedError(f"the {self.name} transport cannot run inside an event loop")
+
+    async def stop_async(self, grace: float = 2.0) -> None:
+        """:meth:`stop` for a transport running under :meth:`serve`."""
+        raise NotImplementedError(f"the {self.name} transport cannot run inside an event loop")
+
 
 # name -> "module:Class[:option=value]"; resolved lazily so optional libraries stay optional.
 TRANSPORTS: dict[str, tuple[str, str, dict[str, Any]]] = {

@@ -395,3 +395,18 @@ def test_compat_jwt_helpers_match_server_validation() -> None:
         ws.close()
     finally:
         server.stop()
+
+
+def test_serve_raises_bind_errors(server_factory: Callable[..., WSEServer]) -> None:
+    taken = server_factory()
+
+    async def scenario() -> None:
+        server = WSEServer("127.0.0.1", taken.port)
+        with pytest.raises(OSError):
+            await server.serve()
+        with pytest.raises(OSError):
+            async with server.running():
+                pass
+        assert not server.is_running()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))

@@ -143,6 +143,9 @@ _U16: Final = struct.Struct("<H")
 _U32: Final = struct.Struct("<I")
 _PRESENCE_HEAD: Final = struct.Struct("<BQH")
 
+_PREFIX_PACK: Final = PREFIX.pack
+_HEADER_PACK: Final = HEADER.pack
+
 _U16_MAX: Final = 0xFFFF
 _U32_MAX: Final = 0xFFFF_FFFF
 _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
@@ -286,6 +289,9 @@ _DRAIN_FRAME: Final = Drain()
 # --------------------------------------------------------------------------- zstd
 
 
+_ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+
+
 class ZstdContext:
     """zstd state for one user at a time (libzstd contexts are not thread safe).
 
@@ -317,6 +323,9 @@ class ZstdContext:
         dctx = self._dctx
         if dctx is None:
             dctx = self._dctx = zstandard.ZstdDecompressor()
+        if data[:4] != _ZSTD_MAGIC:
+            # Skippable frames included: libzstd would size its output from their header.
+            raise ClusterFrameError("MSG payload is not a zstd frame")
         try:
             # A declared size is allocated up front by libzstd: check it first.
             declared = zstandard.frame_content_size(data)
@@ -361,25 +370,48 @@ def encode_msg(
     zstd: bool = False,
     context: ZstdContext | None = None,
 ) -> bytes:
-    """A MSG frame; ``zstd=True`` (CAP_ZSTD negotiated) compresses only when it helps."""
-    flags = 0
-    trailer = b""
-    if epoch is not None or offset is not None:
-        if epoch is None or offset is None:
-            raise LocalProtocolError("MSG trailer needs both epoch and offset")
-        if not (0 <= epoch <= _U32_MAX and 0 <= offset <= _U64_MAX):
-            raise LocalProtocolError("MSG trailer epoch must be u32 and offset u64")
-        trailer = _TRAILER.pack(epoch, offset)
-        flags = FLAG_TRAILER
-    if len(payload) > MAX_DECOMPRESSED:
+    """A MSG frame (CLUSTER §3.3); ``zstd=True`` (CAP_ZSTD negotiated) compresses only when
+    it helps (§4). This is the per-publication path, hence written out inline."""
+    try:
+        raw_topic = topic.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LocalProtocolError("topic is not encodable as UTF-8") from None
+    size = len(payload)
+    if size > MAX_DECOMPRESSED:
         # Too big plain, and compressed it would exceed the receiver's decompression cap.
-        raise LocalProtocolError(f"MSG payload of {len(payload)} bytes exceeds 1 MiB")
-    if zstd and len(payload) >= ZSTD_THRESHOLD:
+        raise LocalProtocolError(f"MSG payload of {size} bytes exceeds 1 MiB")
+    flags = 0
+    if zstd and size >= ZSTD_THRESHOLD:
         packed = (context or _ZSTD).compress(payload)
         if packed is not None:
             payload = packed
-            flags |= FLAG_ZSTD
-    return _pack(_MSG, flags, _utf8(topic, "topic"), payload, trailer)
+            size = len(packed)
+            flags = FLAG_ZSTD
+    tl = len(raw_topic)
+    if tl > _U16_MAX:
+        raise LocalProtocolError("topic longer than 65535 bytes")
+    body = HEADER_SIZE + tl + size
+    if epoch is None and offset is None:
+        if body > MAX_FRAME:
+            raise LocalProtocolError(f"cluster frame of {body} bytes exceeds {MAX_FRAME}")
+        # Plain concatenation beats join for small frames; the payload is copied once.
+        return _PREFIX_PACK(body) + _HEADER_PACK(_MSG, flags, tl, size) + raw_topic + payload
+    if epoch is None or offset is None:
+        raise LocalProtocolError("MSG trailer needs both epoch and offset")
+    if not (0 <= epoch <= _U32_MAX and 0 <= offset <= _U64_MAX):
+        raise LocalProtocolError("MSG trailer epoch must be u32 and offset u64")
+    body += TRAILER_SIZE
+    if body > MAX_FRAME:
+        raise LocalProtocolError(f"cluster frame of {body} bytes exceeds {MAX_FRAME}")
+    return b"".join(
+        (
+            _PREFIX_PACK(body),
+            _HEADER_PACK(_MSG, flags | FLAG_TRAILER, tl, size),
+            raw_topic,
+            payload,
+            _TRAILER.pack(epoch, offset),
+        )
+    )
 
 
 def _enc_msg(f: Msg, zstd: bool, ctx: ZstdContext | None) -> bytes:
@@ -522,7 +554,7 @@ def _json(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except TypeError as exc:  # orjson.JSONEncodeError derives from TypeError
-        raise LocalProtocolError(f"presence data is not JSON serialisable: {exc}") from None
+        raise LocalProtocolError(f"presence snapshot is not JSON serialisable: {exc}") from None
 
 
 def presence_full_frames(
@@ -540,14 +572,14 @@ def presence_full_frames(
     groups: list[bytes] = []  # finished "topic":{...} groups of the current chunk
     size = 2  # "{}"
     for topic, users in entries.items():
-        key = orjson.dumps(topic)
+        key = _json(topic)
         members: list[bytes] = []
         for user, (data, updated_at) in users.items():
             if not (isinstance(updated_at, int) and 0 <= updated_at <= _U64_MAX):
                 raise LocalProtocolError("presence updated_at must be a u64 of milliseconds")
             member = b"".join(
                 (
-                    orjson.dumps(user),
+                    _json(user),
                     b':{"data":',
                     _json(data),
                     b',"updated_at":',
@@ -606,60 +638,76 @@ def parse_presence_full(data: bytes) -> dict[str, dict[str, tuple[Any, int]]] | 
 
 
 # --------------------------------------------------------------------------- decoding
+#
+# Decoders work on the reader's bytes object with offsets (no memoryview, no copy of the
+# body): ``base`` is where the body starts, ``end`` where it ends; ``ts`` = base + 8 is the
+# topic start, ``ps`` = ts + topic_len the payload start, ``pe`` = ps + payload_len.
 
-_Decoder = Callable[[memoryview, int, int, int, ZstdContext], Frame]
+_Decoder = Callable[[bytes, int, int, int, int, ZstdContext], Frame]
+
+_MSG_NEW = object.__new__
+# Frozen dataclass __init__ goes through object.__setattr__ per field; the slot descriptors
+# are cheaper, which matters for MSG, the one frame decoded per publication.
+_MSG_SET = tuple(getattr(Msg, name).__set__ for name in ("topic", "payload", "epoch", "offset"))
 
 
-def _text(view: memoryview, what: str) -> str:
+def _make_msg(topic: str, payload: bytes, epoch: int | None, offset: int | None) -> Msg:
+    msg: Msg = _MSG_NEW(Msg)
+    set_topic, set_payload, set_epoch, set_offset = _MSG_SET
+    set_topic(msg, topic)
+    set_payload(msg, payload)
+    set_epoch(msg, epoch)
+    set_offset(msg, offset)
+    return msg
+
+
+def _text(data: bytes, start: int, stop: int, what: str) -> str:
     try:
-        return str(view, "utf-8")
+        return data[start:stop].decode("utf-8")
     except UnicodeDecodeError:
         raise ClusterFrameError(f"{what} is not valid UTF-8") from None
 
 
-def _dec_msg(body: memoryview, flags: int, tl: int, pl: int, ctx: ZstdContext) -> Frame:
-    start = HEADER_SIZE + tl
-    end = start + pl
-    topic = _text(body[HEADER_SIZE:start], "MSG topic")
+def _dec_msg(data: bytes, flags: int, ts: int, ps: int, pe: int, ctx: ZstdContext) -> Frame:
+    try:
+        topic = data[ts:ps].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ClusterFrameError("MSG topic is not valid UTF-8") from None
     epoch = offset = None
-    if flags & FLAG_TRAILER:
-        if len(body) < end + TRAILER_SIZE:
-            raise ClusterFrameError("MSG flags a recovery trailer that is missing")
-        epoch, offset = _TRAILER.unpack_from(body, end)
-    payload = bytes(body[start:end])
+    if flags & FLAG_TRAILER:  # presence inside the frame was checked by _decode
+        epoch, offset = _TRAILER.unpack_from(data, pe)
+    payload = data[ps:pe]
     if flags & FLAG_ZSTD:
         payload = ctx.decompress(payload)
-    return Msg(topic, payload, epoch, offset)
+    return _make_msg(topic, payload, epoch, offset)
 
 
-def _dec_hello(body: memoryview, flags: int, tl: int, pl: int, ctx: ZstdContext) -> Frame:
-    start = HEADER_SIZE + tl
-    if pl < 12:
+def _dec_hello(data: bytes, flags: int, ts: int, ps: int, pe: int, ctx: ZstdContext) -> Frame:
+    if pe - ps < 12:
         raise ClusterFrameError("HELLO payload shorter than 12 bytes")
-    magic, version, id_len = _HELLO_HEAD.unpack_from(body, start)
+    magic, version, id_len = _HELLO_HEAD.unpack_from(data, ps)
     if magic != HELLO_MAGIC:
         raise ClusterFrameError("HELLO magic is not WSE\\0")
     if id_len > MAX_INSTANCE_ID:
         raise ClusterFrameError("HELLO instance id longer than 256 bytes")
-    if 12 + id_len > pl:
+    if 12 + id_len > pe - ps:
         raise ClusterFrameError("HELLO payload too short for its instance id")
-    ident = _text(body[start + 8 : start + 8 + id_len], "HELLO instance id")
-    (caps,) = _U32.unpack_from(body, start + 8 + id_len)
+    ident = _text(data, ps + 8, ps + 8 + id_len, "HELLO instance id")
+    (caps,) = _U32.unpack_from(data, ps + 8 + id_len)
     return Hello(version, ident, caps)
 
 
-def _dec_sub(body: memoryview, flags: int, tl: int, pl: int, ctx: ZstdContext) -> Frame:
-    return Sub(_text(body[HEADER_SIZE : HEADER_SIZE + tl], "SUB topic"))
+def _dec_sub(data: bytes, flags: int, ts: int, ps: int, pe: int, ctx: ZstdContext) -> Frame:
+    return Sub(_text(data, ts, ps, "SUB topic"))
 
 
-def _dec_unsub(body: memoryview, flags: int, tl: int, pl: int, ctx: ZstdContext) -> Frame:
-    return Unsub(_text(body[HEADER_SIZE : HEADER_SIZE + tl], "UNSUB topic"))
+def _dec_unsub(data: bytes, flags: int, ts: int, ps: int, pe: int, ctx: ZstdContext) -> Frame:
+    return Unsub(_text(data, ts, ps, "UNSUB topic"))
 
 
-def _dec_resync(body: memoryview, flags: int, tl: int, pl: int, ctx: ZstdContext) -> Frame:
-    start = HEADER_SIZE + tl
+def _dec_resync(data: bytes, flags: int, ts: int, ps: int, pe: int, ctx: ZstdContext) -> Frame:
     topics = []
-    for line in bytes(body[start : start + pl]).split(b"\n"):
+    for line in data[ps:pe].split(b"\n"):
         if line:
             try:
                 topics.append(line.decode("utf-8"))
@@ -668,51 +716,50 @@ def _dec_resync(body: memoryview, flags: int, tl: int, pl: int, ctx: ZstdContext
     return Resync(tuple(topics), bool(flags & FLAG_CONTINUATION))
 
 
-def _dec_announce(body: memoryview, flags: int, tl: int, pl: int, ctx: ZstdContext) -> Frame:
-    return PeerAnnounce(_text(body[HEADER_SIZE : HEADER_SIZE + tl], "PEER_ANNOUNCE address"))
+def _dec_announce(data: bytes, flags: int, ts: int, ps: int, pe: int, ctx: ZstdContext) -> Frame:
+    return PeerAnnounce(_text(data, ts, ps, "PEER_ANNOUNCE address"))
 
 
-def _dec_peer_list(body: memoryview, flags: int, tl: int, pl: int, ctx: ZstdContext) -> Frame:
-    pos = HEADER_SIZE + tl
-    end = pos + pl
-    if pl < 2:
+def _dec_peer_list(data: bytes, flags: int, ts: int, ps: int, pe: int, ctx: ZstdContext) -> Frame:
+    if pe - ps < 2:
         raise ClusterFrameError("PEER_LIST payload shorter than its count")
-    (count,) = _U16.unpack_from(body, pos)
-    pos += 2
+    (count,) = _U16.unpack_from(data, ps)
+    pos = ps + 2
     addresses = []
-    for _ in range(min(count, MAX_PEER_LIST)):
-        if pos + 2 > end:
+    for _ in range(min(count, MAX_PEER_LIST)):  # CLUSTER §3.10: at most 256 are read
+        if pos + 2 > pe:
             raise ClusterFrameError("PEER_LIST truncated")
-        (n,) = _U16.unpack_from(body, pos)
+        (n,) = _U16.unpack_from(data, pos)
         pos += 2
-        if pos + n > end:
+        if pos + n > pe:
             raise ClusterFrameError("PEER_LIST truncated")
-        addresses.append(_text(body[pos : pos + n], "PEER_LIST address"))
+        addresses.append(_text(data, pos, pos + n, "PEER_LIST address"))
         pos += n
     return PeerList(tuple(addresses))
 
 
-def _dec_presence_update(body: memoryview, flags: int, tl: int, pl: int, ctx: ZstdContext) -> Frame:
-    start = HEADER_SIZE + tl
-    end = start + pl
-    topic = _text(body[HEADER_SIZE:start], "PRESENCE_UPDATE topic")
-    if pl < _PRESENCE_HEAD.size:
+def _dec_presence_update(
+    data: bytes, flags: int, ts: int, ps: int, pe: int, ctx: ZstdContext
+) -> Frame:
+    topic = _text(data, ts, ps, "PRESENCE_UPDATE topic")
+    if pe - ps < _PRESENCE_HEAD.size:
         raise ClusterFrameError("PRESENCE_UPDATE payload shorter than 11 bytes")
-    action, updated_at, ulen = _PRESENCE_HEAD.unpack_from(body, start)
-    pos = start + _PRESENCE_HEAD.size
-    if pos + ulen > end:
+    action, updated_at, ulen = _PRESENCE_HEAD.unpack_from(data, ps)
+    pos = ps + _PRESENCE_HEAD.size
+    if pos + ulen > pe:
         raise ClusterFrameError("PRESENCE_UPDATE user id beyond the payload")
-    user = _text(body[pos : pos + ulen], "PRESENCE_UPDATE user id")
-    return PresenceUpdate(topic, action, updated_at, user, bytes(body[pos + ulen : end]))
+    user = _text(data, pos, pos + ulen, "PRESENCE_UPDATE user id")
+    return PresenceUpdate(topic, action, updated_at, user, data[pos + ulen : pe])
 
 
-def _dec_presence_full(body: memoryview, flags: int, tl: int, pl: int, ctx: ZstdContext) -> Frame:
-    start = HEADER_SIZE + tl
-    return PresenceFull(bytes(body[start : start + pl]))
+def _dec_presence_full(
+    data: bytes, flags: int, ts: int, ps: int, pe: int, ctx: ZstdContext
+) -> Frame:
+    return PresenceFull(data[ps:pe])
 
 
 def _fixed(frame: Frame) -> _Decoder:
-    return lambda body, flags, tl, pl, ctx: frame
+    return lambda data, flags, ts, ps, pe, ctx: frame
 
 
 _DECODERS: Final[list[_Decoder | None]] = [None] * 256
@@ -735,38 +782,45 @@ for _t, _d in (
 del _t, _d
 
 
-def _decode(body: memoryview, ctx: ZstdContext) -> Frame:
-    if len(body) < HEADER_SIZE:
+def _decode(data: bytes, base: int, end: int, ctx: ZstdContext) -> Frame:
+    """The frame whose body is ``data[base:end]``; checks in CLUSTER §6 order."""
+    if end - base < HEADER_SIZE:
         raise ClusterFrameError("cluster frame shorter than its 8-byte header")
     ftype: int
-    ftype, flags, tl, pl = HEADER.unpack_from(body)
-    if HEADER_SIZE + tl + pl > len(body):
+    ftype, flags, tl, pl = HEADER.unpack_from(data, base)
+    ts = base + HEADER_SIZE
+    ps = ts + tl
+    pe = ps + pl
+    if pe > end:
         raise ClusterFrameError("topic_len/payload_len run beyond the frame")
+    if ftype == _MSG and flags & FLAG_TRAILER and pe + TRAILER_SIZE > end:
+        raise ClusterFrameError("MSG flags a recovery trailer that is missing")
     decoder = _DECODERS[ftype]
     if decoder is None:
-        start = HEADER_SIZE + tl
-        return Unknown(
-            ftype, flags, bytes(body[HEADER_SIZE:start]), bytes(body[start : start + pl])
-        )
-    return decoder(body, flags, tl, pl, ctx)
+        return Unknown(ftype, flags, data[ts:ps], data[ps:pe])
+    return decoder(data, flags, ts, ps, pe, ctx)
 
 
 def decode_frame(
     body: bytes | bytearray | memoryview, *, context: ZstdContext | None = None
 ) -> Frame:
     """One frame from its body (the bytes after the length prefix); ClusterFrameError if bad."""
-    if len(body) > MAX_FRAME:
+    data = body if type(body) is bytes else bytes(body)
+    if len(data) > MAX_FRAME:
         raise ClusterFrameError(f"cluster frame longer than {MAX_FRAME} bytes")
-    return _decode(memoryview(body), context or _ZSTD)
+    return _decode(data, 0, len(data), context or _ZSTD)
 
 
 class FrameReader:
     """Splits a peer byte stream into frames (CLUSTER §2), however the bytes arrive.
 
-    ``frames()`` returns every complete frame. On a malformed frame (``ClusterFrameError``:
-    the link must be dropped) the frames decoded before it are returned first and the
-    error is raised by the next call, so drive it as ``while batch := r.frames(): ...``.
+    ``frames()`` returns every complete frame. On a malformed frame (``ClusterFrameError``,
+    CLUSTER §6: the link must be dropped) the frames decoded before it are returned first
+    and the error is raised by the next call, so drive it as ``while b := r.frames(): ...``.
     Once failed, the reader stays failed and ignores further data.
+
+    Buffering is linear: chunks are joined only once the next frame is known to be
+    complete, and only the unconsumed tail is kept.
     """
 
     __slots__ = ("_chunks", "_ctx", "_error", "_need", "_size")
@@ -796,6 +850,7 @@ class FrameReader:
         self._size += len(data)
 
     def frames(self) -> list[Frame]:
+        """Every frame completed by the data received so far."""
         if self._error is not None:
             raise self._error
         if self._size < self._need:
@@ -803,20 +858,40 @@ class FrameReader:
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         n = len(data)
-        view = memoryview(data)
         out: list[Frame] = []
+        append = out.append
         pos = 0
+        need = 4
         ctx = self._ctx
-        unpack = PREFIX.unpack_from
+        unpack_prefix = PREFIX.unpack_from
+        unpack_header = HEADER.unpack_from
         try:
             while n - pos >= 4:
-                (length,) = unpack(data, pos)
+                (length,) = unpack_prefix(data, pos)
                 if length == 0 or length > MAX_FRAME:
                     raise ClusterFrameError(f"cluster frame length {length} outside 1..{MAX_FRAME}")
-                end = pos + 4 + length
+                base = pos + 4
+                end = base + length
                 if end > n:
+                    need = 4 + length
                     break
-                out.append(_decode(view[pos + 4 : end], ctx))
+                if length >= HEADER_SIZE:
+                    ftype, flags, tl, pl = unpack_header(data, base)
+                    if ftype == _MSG and not flags & (FLAG_ZSTD | FLAG_TRAILER):
+                        # Fast path for the common frame: a plain MSG.
+                        ts = base + HEADER_SIZE
+                        ps = ts + tl
+                        pe = ps + pl
+                        if pe > end:
+                            raise ClusterFrameError("topic_len/payload_len run beyond the frame")
+                        try:
+                            topic = data[ts:ps].decode("utf-8")
+                        except UnicodeDecodeError:
+                            raise ClusterFrameError("MSG topic is not valid UTF-8") from None
+                        append(_make_msg(topic, data[ps:pe], None, None))
+                        pos = end
+                        continue
+                append(_decode(data, base, end, ctx))
                 pos = end
         except ClusterFrameError as exc:
             self._error = exc
@@ -826,11 +901,7 @@ class FrameReader:
                 return out
             raise
         rest = n - pos
-        if rest:
-            self._chunks = [data[pos:] if pos else data]
-            self._need = 4 + length if rest >= 4 else 4
-        else:
-            self._chunks = []
-            self._need = 4
+        self._chunks = [data[pos:] if pos else data] if rest else []
         self._size = rest
+        self._need = need
         return out
