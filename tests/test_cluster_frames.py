@@ -20,9 +20,7 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 
 text = st.text(st.characters(codec="utf-8"), max_size=40)
 topic = text
-line_topic = st.text(
-    st.characters(codec="utf-8", exclude_characters="\n"), min_size=1, max_size=30
-)
+line_topic = st.text(st.characters(codec="utf-8", exclude_characters="\n"), min_size=1, max_size=30)
 u32 = st.integers(0, 2**32 - 1)
 u64 = st.integers(0, 2**64 - 1)
 compressible = st.builds(

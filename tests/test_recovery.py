@@ -649,6 +649,17 @@ def test_seam_ends_honestly_when_its_buffer_disappears() -> None:
     assert seam.pull() == [] and not seam.pending and seam.gaps == 1
 
 
+def test_seam_ends_at_the_first_live_message_of_a_newer_local_buffer() -> None:
+    s = store(ttl=5.0)
+    sent = fill(s, "t", 4, now=0.0)
+    _, seam = s.begin_replay("t", "dc81257d", 0, 0.0)
+    assert seam is not None and seam.pull(max_count=1) == [sent[1]]
+    fresh = s.publish("t", b"{}", 6.0)  # idle past the TTL: new buffer, new epoch
+    assert fresh is not None and fresh[1] != EPOCH and fresh[2] == 0
+    assert seam.accept_live(fresh[1])  # sent live; offsets 2..3 of the old epoch are lost
+    assert not seam.pending and seam.gaps == 1 and seam.pull() == []
+
+
 def test_seam_no_gap_when_the_buffer_ended_where_the_replay_was() -> None:
     s = store(ttl=5.0)
     sent = fill(s, "t", 3, now=0.0)

@@ -464,7 +464,7 @@ class RecoveryStore:
         lru = self._lru
         while self._total > budget:
             victim = next(iter(lru))
-            if victim is not keep:  # the buffer being written is the only one left
+            if victim is keep:  # the buffer being written is the only one left
                 while self._total > budget and keep.nbytes:
                     self._total -= keep.evict_oldest()
                 return

@@ -349,15 +349,16 @@ def _utf8(text: str, what: str) -> bytes:
         raise LocalProtocolError(f"{what} is not encodable as UTF-8") from None
 
 
-def _pack(ftype: int, flags: int, topic: bytes, payload: bytes, trailer: bytes = b"") -> bytes:
+def _pack(ftype: int, flags: int, topic: bytes, payload: bytes) -> bytes:
+    """Prefix + header + fields of a non-MSG frame, refusing what a peer would drop (§5)."""
     tl = len(topic)
     if tl > _U16_MAX:
         raise LocalProtocolError("topic longer than 65535 bytes")
-    size = HEADER_SIZE + tl + len(payload) + len(trailer)
+    size = HEADER_SIZE + tl + len(payload)
     if size > MAX_FRAME:
         raise LocalProtocolError(f"cluster frame of {size} bytes exceeds {MAX_FRAME}")
     return b"".join(
-        (PREFIX.pack(size), HEADER.pack(ftype, flags, tl, len(payload)), topic, payload, trailer)
+        (_PREFIX_PACK(size), _HEADER_PACK(ftype, flags, tl, len(payload)), topic, payload)
     )
 
 

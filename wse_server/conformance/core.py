@@ -137,8 +137,10 @@ class ScenarioContext:
         self.warnings = []
         self.notes = []
 
-    async def end(self, scenario: Scenario) -> None:
-        """Release what the scenario opened; may raise Fail for late-detected violations."""
+    async def end(self, scenario: Scenario) -> list[str]:
+        """Release what the scenario opened; returns violations seen only now (a peer
+        that broke framing while the scenario looked elsewhere): they fail it."""
+        return []
 
 
 def select(
@@ -185,10 +187,7 @@ async def _run_one(sc: Scenario, ctx: ScenarioContext) -> Result:
     details: list[str] = []
     await ctx.begin(sc)
     try:
-        try:
-            await asyncio.wait_for(sc.run(ctx), sc.timeout)
-        finally:
-            await ctx.end(sc)
+        await asyncio.wait_for(sc.run(ctx), sc.timeout)
     except Fail as exc:
         outcome, details = Outcome.FAIL, [str(exc)]
     except Unsupported as exc:
@@ -201,6 +200,14 @@ async def _run_one(sc: Scenario, ctx: ScenarioContext) -> Result:
         where = traceback.extract_tb(exc.__traceback__)[-1]
         outcome = Outcome.ERROR
         details = [f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"]
+    try:
+        late = await ctx.end(sc)
+    except Exception as exc:
+        late = [f"teardown failed: {type(exc).__name__}: {exc}"]
+    if late and outcome in (Outcome.PASS, Outcome.WARN):
+        outcome, details = Outcome.FAIL, list(late)
+    else:
+        details.extend(late)
     if outcome is Outcome.PASS and ctx.warnings:
         outcome = Outcome.WARN
     if outcome in (Outcome.PASS, Outcome.WARN, Outcome.FAIL):
