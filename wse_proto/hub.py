@@ -41,18 +41,10 @@ from . import envelope
 from ._defaults import RandFn, WallClockMs
 from .codec import encode_event
 from .config import ServerConfig
-from .events import (
-    AuthRejected,
-    BytesReceived,
-    Connected,
-    ConnectionClosed,
-    Event,
-    MessageReceived,
-    TextReceived,
-)
+from .events import AuthRejected, Connected, ConnectionClosed, Event
 from .metrics import Gauges, Metrics, health_snapshot, prometheus_text
 from .ratelimit import DEDUP_WINDOW_SIZE, DedupWindow
-from .server import ConnectionState, ServerConnection
+from .server import ConnectionState, DrainItem, ServerConnection
 from .topics import GlobPattern, TopicACL, compile_glob, is_glob, topic_bytes, valid_topic
 from .ws import binary_frame, text_frame
 
@@ -194,8 +186,12 @@ class ServerCore:
         self._dedup = DedupWindow(config.dedup_size)
         self._backlog_limit = config.max_outbound_queue_bytes
         self._disconnect_slow = config.slow_consumer_policy == "disconnect"
-        # Inbound queue (§10.4) and its water marks (F6).
-        self._inbound: deque[InboundEvent] = deque()
+        # Inbound queue (§10.4) and its water marks (F6). Drain tuples are queued in
+        # batches (one list per transport call, as the machine hands them over), so a
+        # burst of messages costs one append here and is popped by slicing.
+        self._inbound: deque[list[InboundEvent]] = deque()
+        self._inbound_len = 0  # tuples queued, not yet popped
+        self._inbound_head = 0  # tuples of the first batch already popped
         self._inbound_max = config.max_inbound_queue_size
         self._inbound_low = (
             config.inbound_low_water
@@ -339,45 +335,65 @@ class ServerCore:
 
     def _process(self, conn: ServerConnection) -> None:
         """Turn the machine's events into hub state and inbound tuples (§10.4)."""
-        while events := conn.events_received():
-            self._dispatch(conn, events)
+        while True:
+            items, has_events = conn.take_items()
+            if not items:
+                break
+            if has_events:
+                self._dispatch(conn, items)
+            else:  # the common case: only received messages, already drain tuples
+                self.metrics.messages_received += len(items)
+                self._push_many(items)  # type: ignore[arg-type]
         # Counters kept by the machine itself.
         if conn.decrypt_failures:
             self.metrics.decrypt_failures += conn.decrypt_failures
             conn.decrypt_failures = 0
 
-    def _dispatch(self, conn: ServerConnection, events: list[Event]) -> None:
-        cid = conn.conn_id
+    def _dispatch(self, conn: ServerConnection, items: list[Event | DrainItem]) -> None:
         metrics = self.metrics
-        for ev in events:
-            if isinstance(ev, MessageReceived):
-                metrics.messages_received += 1
-                self._push(("msg", cid, ev.value))
-            elif isinstance(ev, TextReceived):
-                metrics.messages_received += 1
-                self._push(("raw", cid, ev.text))
-            elif isinstance(ev, BytesReceived):
-                metrics.messages_received += 1
-                self._push(("bin", cid, ev.data))
-            elif isinstance(ev, Connected):
+        run: list[InboundEvent] = []  # messages since the last event object
+        for ev in items:
+            if isinstance(ev, tuple):
+                run.append(ev)
+                continue
+            if run:
+                metrics.messages_received += len(run)
+                self._push_many(run)
+                run = []
+            if isinstance(ev, Connected):
                 self._register(conn, ev)
             elif isinstance(ev, ConnectionClosed):
                 self._unregister(conn)
             elif isinstance(ev, AuthRejected):
                 metrics.auth_failures += 1
+        if run:
+            metrics.messages_received += len(run)
+            self._push_many(run)
 
-    def _push(self, item: InboundEvent, *, lifecycle: bool = False) -> None:
-        """Queue a drain tuple. Without ``inbound_overflow="drop"`` nothing is ever
-        dropped (F6): the transport pauses reading while :meth:`inbound_full`.
-        Lifecycle events (connect/disconnect) are never dropped in either mode.
-        """
-        queue = self._inbound
-        if self._drop_inbound and not lifecycle and len(queue) >= self._inbound_max:
-            self.metrics.inbound_dropped += 1
-            return
-        queue.append(item)
+    def _push(self, item: InboundEvent) -> None:
+        """Queue a lifecycle tuple (connect/disconnect): never dropped, in either mode."""
+        self._inbound.append([item])
+        self._inbound_len += 1
         self._inbound_added = True
-        if len(queue) >= self._inbound_max and not self._drop_inbound:
+        if self._inbound_len >= self._inbound_max and not self._drop_inbound:
+            self._inbound_paused = True
+
+    def _push_many(self, items: list[InboundEvent]) -> None:
+        """Queue received messages (the list is kept, not copied). Without
+        ``inbound_overflow="drop"`` nothing is ever dropped (F6): the transport pauses
+        reading while :meth:`inbound_full`; with it, what does not fit is counted.
+        """
+        if self._drop_inbound:
+            room = self._inbound_max - self._inbound_len
+            if room < len(items):
+                self.metrics.inbound_dropped += len(items) - max(room, 0)
+                if room <= 0:
+                    return
+                items = items[:room]
+        self._inbound.append(items)
+        self._inbound_len += len(items)
+        self._inbound_added = True
+        if self._inbound_len >= self._inbound_max and not self._drop_inbound:
             self._inbound_paused = True
 
     def _register(self, conn: ServerConnection, ev: Connected) -> None:
@@ -385,9 +401,9 @@ class ServerCore:
         self._members[cid] = _Member(conn, ev.acl)
         self._registered[cid] = conn
         if ev.user_id is not None:
-            self._push(("auth_connect", cid, ev.user_id), lifecycle=True)
+            self._push(("auth_connect", cid, ev.user_id))
         else:
-            self._push(("connect", cid, ev.cookies), lifecycle=True)
+            self._push(("connect", cid, ev.cookies))
         if self._drain_close is not None:
             # Finished its handshake while we drain: it gets the same Close as the rest.
             code, reason = self._drain_close
@@ -403,20 +419,20 @@ class ServerCore:
             self._dirty[cid] = conn  # it leaves recipient maps that may still be pending
         self._drop_topics(member, list(member.topics))
         self._drop_groups(member, list(member.groups))
-        self._push(("disconnect", cid, None), lifecycle=True)
+        self._push(("disconnect", cid, None))
 
     # ------------------------------------------------------------------ inbound queue
 
     def inbound_full(self) -> bool:
         """The transport must stop reading (backpressure mode only, F6)."""
-        return not self._drop_inbound and len(self._inbound) >= self._inbound_max
+        return not self._drop_inbound and self._inbound_len >= self._inbound_max
 
     def inbound_resumable(self) -> bool:
         """The queue drained below the low-water mark: reading may resume."""
-        return len(self._inbound) <= self._inbound_low
+        return self._inbound_len <= self._inbound_low
 
     def inbound_queue_depth(self) -> int:
-        return len(self._inbound)
+        return self._inbound_len
 
     def inbound_dropped_count(self) -> int:
         """Events dropped because the queue was full (always 0 in backpressure mode)."""
@@ -424,17 +440,37 @@ class ServerCore:
 
     def pop_inbound(self, max_count: int = 256) -> list[InboundEvent]:
         """Take up to ``max_count`` queued drain tuples, oldest first."""
-        queue = self._inbound
-        n = min(max_count, len(queue))
-        if n <= 0:
+        total = self._inbound_len
+        if total <= 0 or max_count <= 0:
             return []
-        if n == len(queue):
-            items = list(queue)
+        queue = self._inbound
+        head = self._inbound_head
+        if total <= max_count:  # everything: hand the batches over
+            items = queue.popleft()
+            if head:
+                items = items[head:]
+            for batch in queue:
+                items += batch
             queue.clear()
+            self._inbound_head = 0
+            self._inbound_len = 0
         else:
-            popleft = queue.popleft
-            items = [popleft() for _ in range(n)]
-        if self._inbound_paused and len(queue) <= self._inbound_low:
+            items = []
+            need = max_count
+            while need:
+                batch = queue[0]
+                left = len(batch) - head
+                if left > need:
+                    items += batch[head : head + need]
+                    head += need
+                    break
+                items += batch[head:] if head else batch
+                queue.popleft()
+                head = 0
+                need -= left
+            self._inbound_head = head
+            self._inbound_len = total - max_count
+        if self._inbound_paused and self._inbound_len <= self._inbound_low:
             self._inbound_paused = False
             if self.on_inbound_resumable is not None:
                 self.on_inbound_resumable()
@@ -843,7 +879,7 @@ class ServerCore:
         config = self.config
         return Gauges(
             connections=len(self._members),
-            inbound_queue_depth=len(self._inbound),
+            inbound_queue_depth=self._inbound_len,
             uptime_secs=max(0, int(now - self._started)),
             topics=self._topic_count(),
             recovery_enabled=config.recovery_enabled,

@@ -23,6 +23,13 @@ CLOSING or CLOSED, whichever comes first).
 
 Time is an argument (``now``: monotonic seconds); wall-clock milliseconds for
 envelopes come from the injected ``wall_ms``; randomness from ``rand``.
+
+Inbound hot path: a text frame starting with ``{`` is parsed straight from its bytes
+(orjson checks the UTF-8 itself); only frames that do not parse, legacy prefixes and
+non-JSON text take the general route through :func:`wse_proto.codec.decode_client_text`.
+Received messages are queued internally in their drain form ``(kind, conn_id, value)``
+(reference §10.4), which the hub forwards without building an event object per message;
+:meth:`ServerConnection.events_received` turns them into the public event classes.
 """
 
 from __future__ import annotations
@@ -31,10 +38,13 @@ import enum
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+import orjson
+
 from . import auth, codec, envelope
 from ._defaults import RandFn, WallClockMs
 from .config import ServerConfig
 from .crypto import EncryptionSession, server_key_exchange
+from .envelope import normalize_keys
 from .errors import (
     AuthError,
     DecodeError,
@@ -81,10 +91,14 @@ __all__ = [
     "CLIENT_TRANSITIONS",
     "SERVER_TRANSITIONS",
     "ConnectionState",
+    "DrainItem",
     "Input",
     "ServerConfig",
     "ServerConnection",
 ]
+
+DrainItem = tuple[str, str, Any]
+"""A received message in drain form: ``("msg" | "raw" | "bin", conn_id, value)`` (§10.4)."""
 
 
 class ConnectionState(enum.Enum):
@@ -189,6 +203,9 @@ class _StateMachine:
 # ---------------------------------------------------------------------------
 
 _U64_LIMIT: Final = 1 << 64
+_INTERCEPTED: Final = frozenset({"client_hello", "ping", "pong", "PONG"})
+"""Top-level ``t`` values of plain text frames the server answers itself (§3.2)."""
+_OPEN_BRACE: Final = 0x7B
 _MAX_PROTOCOL_VERSION: Final = 2
 _STATUSLESS_CLOSE: Final = encode_close(None)
 
@@ -205,6 +222,16 @@ def _close_reason(error: WSEError) -> str:
     """A Close reason from an error message, within the 123-byte limit."""
     raw = error.message.encode("utf-8")[:123]
     return raw.decode("utf-8", "ignore")
+
+
+def _as_event(item: DrainItem) -> Event:
+    """The public event for a message kept in drain form."""
+    kind, _, value = item
+    if kind == "msg":
+        return MessageReceived(value)
+    if kind == "raw":
+        return TextReceived(value)
+    return BytesReceived(value)
 
 
 class ServerConnection(_StateMachine):
@@ -224,6 +251,7 @@ class ServerConnection(_StateMachine):
         "_events",
         "_handshake",
         "_handshake_deadline",
+        "_has_events",
         "_idle_deadline",
         "_last_limited",
         "_last_warning",
@@ -272,7 +300,9 @@ class ServerConnection(_StateMachine):
             client_side=False, max_message_size=config.max_message_size, validate_utf8=False
         )
         self._now = now
-        self._events: list[Event] = []
+        # Events in order; received messages in drain form (see DrainItem).
+        self._events: list[Event | DrainItem] = []
+        self._has_events = False  # _events holds at least one Event object
         self._out: list[bytes] = []
         self._open = False
         self._closed_emitted = False
@@ -321,10 +351,29 @@ class ServerConnection(_StateMachine):
     # ------------------------------------------------------------------ output plumbing
 
     def events_received(self) -> list[Event]:
-        """Every event since the last call (the list is handed over, not copied)."""
-        events = self._events
+        """Every event since the last call, oldest first."""
+        items = self._events
         self._events = []
-        return events
+        self._has_events = False
+        return [_as_event(item) if isinstance(item, tuple) else item for item in items]
+
+    def take_items(self) -> tuple[list[Event | DrainItem], bool]:
+        """Like :meth:`events_received`, for the hub: messages stay in drain form.
+
+        Returns the list (handed over, not copied) and whether it holds any
+        :class:`~wse_proto.events.Event` object (False: only drain tuples).
+        """
+        items = self._events
+        if not items:
+            return items, False
+        has_events = self._has_events
+        self._events = []
+        self._has_events = False
+        return items, has_events
+
+    def _emit(self, event: Event) -> None:
+        self._events.append(event)
+        self._has_events = True
 
     def data_to_send(self) -> bytes:
         """Everything queued since the last call, as one buffer (write coalescing)."""
@@ -342,7 +391,7 @@ class ServerConnection(_StateMachine):
     def _emit_closed(self, code: int | None, reason: str, error: WSEError | None = None) -> None:
         if not self._closed_emitted:
             self._closed_emitted = True
-            self._events.append(ConnectionClosed(code, reason, error))
+            self._emit(ConnectionClosed(code, reason, error))
 
     def _enter(self, inp: Input) -> ConnectionState:
         """Transition and keep the derived flags and timers consistent."""
@@ -434,7 +483,7 @@ class ServerConnection(_StateMachine):
         self._enter(Input.ACCEPT)
         self._idle_deadline = now + self.config.idle_timeout
         self._next_ping = now + self.config.ping_interval
-        self._events.append(
+        self._emit(
             Connected(
                 user_id=self.user_id,
                 cookies=self.cookies,
@@ -453,7 +502,7 @@ class ServerConnection(_StateMachine):
     def _reject_auth(self, exc: AuthError) -> None:
         """K4 / §1.3: 101 already queued, then one error frame and Close 4401."""
         code = exc.error_code or "AUTH_FAILED"
-        self._events.append(AuthRejected(code, exc.message))
+        self._emit(AuthRejected(code, exc.message))
         self._write(text_frame(envelope.auth_error(code, exc.message, self._wall_ms())))
         self._write(encode_close(4401, "Authentication failed"))
         self._enter(Input.AUTH_FAIL)
@@ -461,6 +510,8 @@ class ServerConnection(_StateMachine):
 
     def _process_frames(self, now: float) -> None:
         decoder = self._decoder
+        cid = self.conn_id
+        loads = orjson.loads
         while True:
             try:
                 batch = decoder.messages()
@@ -469,7 +520,29 @@ class ServerConnection(_StateMachine):
                 return
             if not batch:
                 return
+            add = self._events.append
+            active = False  # a data message arrived: the idle clock restarts (§6.3)
             for opcode, payload in batch:
+                if opcode == TEXT and self._open:
+                    active = True
+                    # Fast path: a JSON object parsed from the bytes. Anything orjson
+                    # refuses (bad UTF-8 included) takes the general route below.
+                    if payload and payload[0] == _OPEN_BRACE:
+                        try:
+                            obj = loads(payload)
+                        except ValueError:
+                            pass
+                        else:
+                            t = obj.get("t")
+                            if type(t) is str and t in _INTERCEPTED:
+                                self._intercept(t, normalize_keys(obj))
+                            else:
+                                if t is None or "p" not in obj:
+                                    obj = normalize_keys(obj)
+                                add(("msg", cid, obj))
+                            continue
+                    self._on_text(payload)
+                    continue
                 if self.state is ConnectionState.CLOSED:
                     return
                 if opcode == CLOSE:
@@ -477,16 +550,15 @@ class ServerConnection(_StateMachine):
                     return
                 if not self._open:  # CLOSING: RFC 6455 §5.5.1, data after our Close is dropped
                     continue
-                if opcode == TEXT:
-                    self._idle_deadline = now + self.config.idle_timeout
-                    self._on_text(payload, now)
-                elif opcode == BINARY:
-                    self._idle_deadline = now + self.config.idle_timeout
-                    self._on_binary(payload, now)
+                if opcode == BINARY:
+                    active = True
+                    self._on_binary(payload)
                 elif opcode == PING:
                     # F3: exactly one pong, echoing the payload (RFC 6455 §5.5.3).
                     self._write(encode_frame(PONG, payload))
                 # PONG control frames: no activity, nothing to do (§6.3).
+            if active and self._open:
+                self._idle_deadline = now + self.config.idle_timeout
 
     def _fail(self, exc: WSEError) -> None:
         """Fail the connection on a protocol error from the peer (RFC 6455 §7.1.7)."""
@@ -514,7 +586,8 @@ class ServerConnection(_StateMachine):
         self._enter(Input.RECV_CLOSE)
         self._emit_closed(code, reason)
 
-    def _on_text(self, payload: bytes, now: float) -> None:
+    def _on_text(self, payload: bytes) -> None:
+        """The general route for a text frame (the fast path is in _process_frames)."""
         try:
             text = decode_text(payload)
         except DecodeError as exc:  # RFC 6455 §8.1: invalid UTF-8 fails the connection
@@ -522,29 +595,24 @@ class ServerConnection(_StateMachine):
             return
         inbound = codec.decode_client_text(text)
         raw_type = inbound.raw_type
-        if raw_type is not None and inbound.kind == "msg":
-            # §3.2: three types are handled by the transport and never reach the app.
-            if raw_type == "client_hello":
-                self._on_client_hello(inbound.value)
-                return
-            if raw_type == "ping":
-                client_ms = envelope.ping_client_timestamp(inbound.value)
-                self._write(text_frame(envelope.pong(client_ms, self._wall_ms())))
-                return
-            if raw_type == "pong" or raw_type == "PONG":
-                return
+        if raw_type is not None and inbound.kind == "msg" and raw_type in _INTERCEPTED:
+            self._intercept(raw_type, inbound.value)
+            return
         self._deliver(inbound)
 
-    def _deliver(self, inbound: codec.Inbound) -> None:
-        kind = inbound.kind
-        if kind == "msg":
-            self._events.append(MessageReceived(inbound.value))
-        elif kind == "raw":
-            self._events.append(TextReceived(inbound.value))
-        else:
-            self._events.append(BytesReceived(inbound.value))
+    def _intercept(self, t: str, value: Any) -> None:
+        """§3.2: client_hello, ping and pong are answered here and never reach the app."""
+        if t == "client_hello":
+            self._on_client_hello(value)
+        elif t == "ping":
+            client_ms = envelope.ping_client_timestamp(value)
+            self._write(text_frame(envelope.pong(client_ms, self._wall_ms())))
+        # "pong" / "PONG": nothing to do.
 
-    def _on_binary(self, payload: bytes, now: float) -> None:
+    def _deliver(self, inbound: codec.Inbound) -> None:
+        self._events.append((inbound.kind, self.conn_id, inbound.value))
+
+    def _on_binary(self, payload: bytes) -> None:
         if payload[:2] == b"E:":
             self._on_encrypted(payload)
             return
@@ -571,7 +639,7 @@ class ServerConnection(_StateMachine):
 
     def _decrypt_failed(self, reason: str) -> None:
         self.decrypt_failures += 1
-        self._events.append(DecryptFailed(reason))
+        self._emit(DecryptFailed(reason))
 
     def _on_client_hello(self, value: Any) -> None:
         """§3.1/§4.2: answer with server_hello; key exchange at most once per connection."""
@@ -589,7 +657,7 @@ class ServerConnection(_StateMachine):
                 try:
                     session, public_key = server_key_exchange(client_key, self._rand)
                 except KeyExchangeError as exc:
-                    self._events.append(KeyExchangeFailed(exc.message))
+                    self._emit(KeyExchangeFailed(exc.message))
                     self._write(text_frame(envelope.key_exchange_failed(exc.message)))
                 else:
                     self._session = session
@@ -611,7 +679,7 @@ class ServerConnection(_StateMachine):
                 )
             )
         )
-        self._events.append(HelloReceived(version, public_key is not None))
+        self._emit(HelloReceived(version, public_key is not None))
 
     # ------------------------------------------------------------------ outbound
 
@@ -650,7 +718,7 @@ class ServerConnection(_StateMachine):
             if last is None or now - last >= 1.0:
                 self._last_limited = now
                 self._write(text_frame(envelope.rate_limited()))
-                self._events.append(RateLimited())
+                self._emit(RateLimited())
             return 0
         capacity = bucket.capacity
         if tokens < 0.2 * capacity:

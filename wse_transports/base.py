@@ -105,6 +105,8 @@ class Transport(ABC):
 TRANSPORTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "asyncio": ("wse_transports.asyncio", "AsyncioTransport", {"loop": "asyncio"}),
     "uvloop": ("wse_transports.asyncio", "AsyncioTransport", {"loop": "uvloop"}),
+    "threading": ("wse_transports.threading", "ThreadingTransport", {}),
+    "gevent": ("wse_transports.gevent", "GeventTransport", {}),
 }
 
 

@@ -15,9 +15,7 @@ import wse_client.connection
 from wse_client import AsyncWSEClient, ReconnectConfig, SyncWSEClient
 
 from wse_proto.envelope import inject_category
-from wse_server import WSEServer
-
-from .conftest import make_token, url_of
+from .conftest import AnyServer, conn_info, make_token, url_of
 
 pytestmark = [pytest.mark.loopback, pytest.mark.interop]
 
@@ -26,7 +24,7 @@ PRICE_TEXT = json.dumps({"t": "price", "p": {"px": 1.5}})  # json.dumps spacing 
 
 
 async def adrain(
-    server: WSEServer,
+    server: AnyServer,
     predicate: Callable[[tuple[str, Any, Any]], bool],
     timeout: float = 5.0,
 ) -> tuple[str, Any, Any]:
@@ -67,7 +65,7 @@ def record_raw(client: AsyncWSEClient) -> list[str | bytes]:
 
 
 @pytest.mark.parametrize("how", ["client-default", "cookie-only", "bearer-only"])
-def test_connect_cookie_and_bearer(server: WSEServer, how: str) -> None:
+def test_connect_cookie_and_bearer(server: AnyServer, how: str) -> None:
     token = make_token("alice")
     kwargs: dict[str, Any] = {"reconnect": NO_RECONNECT}
     if how == "client-default":
@@ -88,7 +86,7 @@ def test_connect_cookie_and_bearer(server: WSEServer, how: str) -> None:
     run(scenario())
 
 
-def test_server_ready_then_server_hello(server: WSEServer) -> None:
+def test_server_ready_then_server_hello(server: AnyServer) -> None:
     async def scenario() -> None:
         client = AsyncWSEClient(url_of(server), token=make_token("bob"), reconnect=NO_RECONNECT)
         frames = record_raw(client)
@@ -110,7 +108,7 @@ def test_server_ready_then_server_hello(server: WSEServer) -> None:
     run(scenario())
 
 
-def test_subscribe_broadcast_json_and_compressed_send_event(server: WSEServer) -> None:
+def test_subscribe_broadcast_json_and_compressed_send_event(server: AnyServer) -> None:
     async def scenario() -> None:
         client = AsyncWSEClient(url_of(server), token=make_token("carol"), reconnect=NO_RECONNECT)
         frames = record_raw(client)
@@ -142,7 +140,7 @@ def test_subscribe_broadcast_json_and_compressed_send_event(server: WSEServer) -
     run(scenario())
 
 
-def test_msgpack_connection(server: WSEServer) -> None:
+def test_msgpack_connection(server: AnyServer) -> None:
     async def scenario() -> None:
         client = AsyncWSEClient(
             url_of(server, "?format=msgpack"), token=make_token("dave"), reconnect=NO_RECONNECT
@@ -163,7 +161,7 @@ def test_msgpack_connection(server: WSEServer) -> None:
     run(scenario())
 
 
-def test_e2e_encryption_both_ways_including_broadcasts(server: WSEServer) -> None:
+def test_e2e_encryption_both_ways_including_broadcasts(server: AnyServer) -> None:
     async def scenario() -> None:
         client = AsyncWSEClient(
             url_of(server), token=make_token("eve"), encryption=True, reconnect=NO_RECONNECT
@@ -175,7 +173,8 @@ def test_e2e_encryption_both_ways_including_broadcasts(server: WSEServer) -> Non
             while not (client._security and client._security.is_enabled):
                 assert time.monotonic() < deadline, "key exchange did not complete"
                 await asyncio.sleep(0.01)
-            assert server._core.get_connection(cid).encrypted
+            info = conn_info(server, cid)
+            assert info is not None and info.encrypted
             # client -> server: E: frames, delivered decrypted to the app
             assert await client.send("secret_note", {"text": "hello"})
             _, _, msg = await adrain(server, lambda e: e[0] == "msg")
@@ -194,7 +193,7 @@ def test_e2e_encryption_both_ways_including_broadcasts(server: WSEServer) -> Non
 
 
 def test_ping_rtt_measured_by_network_monitor(
-    server_factory: Callable[..., WSEServer], monkeypatch: pytest.MonkeyPatch
+    server_factory: Callable[..., AnyServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The client pings every 15 s; shorten that so the test sees a few round trips.
     monkeypatch.setattr(wse_client.connection, "HEARTBEAT_INTERVAL", 0.1)
@@ -217,7 +216,7 @@ def test_ping_rtt_measured_by_network_monitor(
     run(scenario())
 
 
-def test_rate_limit_warning_and_error(server_factory: Callable[..., WSEServer]) -> None:
+def test_rate_limit_warning_and_error(server_factory: Callable[..., AnyServer]) -> None:
     server = server_factory(rate_limit_capacity=10.0, rate_limit_refill=0.5)
 
     async def scenario() -> None:
@@ -237,7 +236,7 @@ def test_rate_limit_warning_and_error(server_factory: Callable[..., WSEServer]) 
     run(scenario())
 
 
-def test_auth_failure_stops_the_client(server: WSEServer) -> None:
+def test_auth_failure_stops_the_client(server: AnyServer) -> None:
     async def scenario() -> None:
         client = AsyncWSEClient(
             url_of(server), token=make_token("x", exp_in=-3600), reconnect=NO_RECONNECT
@@ -261,7 +260,7 @@ def test_auth_failure_stops_the_client(server: WSEServer) -> None:
     run(scenario())
 
 
-def test_sync_client(server: WSEServer) -> None:
+def test_sync_client(server: AnyServer) -> None:
     client = SyncWSEClient(url_of(server), token=make_token("sync"), reconnect=NO_RECONNECT)
     client.connect(timeout=10)
     try:

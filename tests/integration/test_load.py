@@ -1,5 +1,5 @@
 """Load and flow control over loopback: fan-out to 1,000 connections, slow consumers,
-inbound backpressure, the pending-handshake cap."""
+inbound backpressure, the pending-handshake cap; on every transport."""
 
 from __future__ import annotations
 
@@ -11,14 +11,10 @@ from collections.abc import Callable
 
 import pytest
 
-from wse_proto._defaults import monotonic, system_rand, wall_clock_ms
 from wse_proto.envelope import inject_category
-from wse_proto.hub import CoreConfig, ServerCore
 from wse_proto.server import ConnectionState
-from wse_server import WSEServer
-from wse_transports.asyncio import AsyncioTransport
 
-from .conftest import drain_until, wait_for
+from .conftest import AnyServer, conn_info, drain_until, wait_for
 from .rawws import TEXT, RawWS, server_frame, upgrade_request
 from .test_raw_protocol import assert_dropped_without_http
 
@@ -26,9 +22,9 @@ pytestmark = pytest.mark.loopback
 
 
 def test_1000_connections_receive_1000_broadcasts_in_order(
-    server_factory: Callable[..., WSEServer],
+    server_factory: Callable[..., AnyServer],
 ) -> None:
-    n_conns, n_msgs = 1000, 1000
+    n_conns, n_msgs = 1000, 1000  # the full size on every transport
     server = server_factory(
         jwt_secret=None, max_connections=n_conns + 10, ping_interval=300, idle_timeout=600
     )
@@ -119,7 +115,7 @@ class _Reader(threading.Thread):
 
 @pytest.mark.parametrize("policy", ["drop", "disconnect"])
 def test_slow_consumer_backlog_stays_bounded(
-    server_factory: Callable[..., WSEServer], policy: str
+    server_factory: Callable[..., AnyServer], policy: str
 ) -> None:
     limit = 256 * 1024
     server = server_factory(
@@ -144,7 +140,7 @@ def test_slow_consumer_backlog_stays_bounded(
             sent += 32
             target = sent
             wait_for(lambda: reader.count >= target, timeout=10)  # noqa: B023
-            conn = server._core.get_connection(slow_id)
+            conn = conn_info(server, slow_id)
             if conn is None:
                 break
             max_backlog = max(max_backlog, conn.pending_bytes + conn.transport_backlog)
@@ -154,7 +150,7 @@ def test_slow_consumer_backlog_stays_bounded(
         # than one flush worth of frames
         assert max_backlog <= limit + 32 * frame_size
         assert reader.count == sent  # the healthy subscriber lost nothing
-        conn = server._core.get_connection(slow_id)
+        conn = conn_info(server, slow_id)
         if policy == "drop":
             assert conn is not None and conn.state is ConnectionState.OPEN
         else:  # closed (status-less Close queued), gone once close_timeout expires
@@ -166,7 +162,7 @@ def test_slow_consumer_backlog_stays_bounded(
         fast.close()
 
 
-def test_inbound_backpressure_never_drops(server_factory: Callable[..., WSEServer]) -> None:
+def test_inbound_backpressure_never_drops(server_factory: Callable[..., AnyServer]) -> None:
     queue_max = 64
     server = server_factory(jwt_secret=None, max_inbound_queue_size=queue_max)
     ws = RawWS(server.port)
@@ -203,20 +199,15 @@ def test_inbound_backpressure_never_drops(server_factory: Callable[..., WSEServe
         ws.close()
 
 
-def test_pending_handshake_cap_drops_extra_sockets() -> None:
-    core = ServerCore(CoreConfig(), rand=system_rand, wall_ms=wall_clock_ms, now=monotonic())
-    transport = AsyncioTransport(
-        core,
-        threading.Lock(),
-        host="127.0.0.1",
-        port=0,
-        max_pending_handshakes=3,
-        pending_grace=0.1,
+def test_pending_handshake_cap_drops_extra_sockets(
+    server_factory: Callable[..., AnyServer],
+) -> None:
+    server = server_factory(
+        jwt_secret=None, transport_options={"max_pending_handshakes": 3, "pending_grace": 0.1}
     )
-    transport.start()
     socks: list[socket.socket] = []
     try:
-        port = transport.bound_port
+        port = server.port
         socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
         time.sleep(0.3)  # accepted, and older than the grace period: now the cap applies
         assert_dropped_without_http(port, send_request=False)
@@ -229,5 +220,5 @@ def test_pending_handshake_cap_drops_extra_sockets() -> None:
     finally:
         for s in socks:
             s.close()
-        transport.stop(0.5)
-    assert not transport.running
+        server.stop()
+    assert not server.is_running()

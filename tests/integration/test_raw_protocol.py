@@ -10,9 +10,7 @@ from collections.abc import Callable
 import jwt
 import pytest
 
-from wse_server import WSEServer
-
-from .conftest import OTHER_SECRET, SECRET, drain_until, make_token
+from .conftest import OTHER_SECRET, SECRET, AnyServer, drain_until, make_token
 from .rawws import BINARY, CLOSE, PING, PONG, TEXT, RawWS, upgrade_request
 
 pytestmark = pytest.mark.loopback
@@ -96,7 +94,7 @@ def none_alg_token() -> str:
     ],
 )
 def test_auth_failures_get_error_frame_and_4401(
-    server_factory: Callable[..., WSEServer],
+    server_factory: Callable[..., AnyServer],
     case: str,
     headers: dict[str, str],
     code: str,
@@ -116,7 +114,7 @@ def test_auth_failures_get_error_frame_and_4401(
 
 
 def test_valid_kid_accepted_and_server_ready_first(
-    server_factory: Callable[..., WSEServer],
+    server_factory: Callable[..., AnyServer],
 ) -> None:
     server = server_factory(jwt_key_id="k1")
     ws = RawWS(server.port, token=make_token("kim", headers={"kid": "k1"}))
@@ -135,7 +133,7 @@ def test_valid_kid_accepted_and_server_ready_first(
 
 
 def test_no_jwt_connect_event_with_cookie_and_no_server_ready(
-    server_factory: Callable[..., WSEServer],
+    server_factory: Callable[..., AnyServer],
 ) -> None:
     server = server_factory(jwt_secret=None)
     ws = RawWS(server.port, headers={"Cookie": "session=abc; theme=dark"})
@@ -151,7 +149,7 @@ def test_no_jwt_connect_event_with_cookie_and_no_server_ready(
         ws.close()
 
 
-def test_ping_pong_forms_and_single_control_pong(server: WSEServer) -> None:
+def test_ping_pong_forms_and_single_control_pong(server: AnyServer) -> None:
     ws = RawWS(server.port, token=make_token())
     try:
         assert ws.recv_json()["t"] == "server_ready"
@@ -167,7 +165,7 @@ def test_ping_pong_forms_and_single_control_pong(server: WSEServer) -> None:
         ws.close()
 
 
-def test_inbound_kinds_and_client_close_echo(server: WSEServer) -> None:
+def test_inbound_kinds_and_client_close_echo(server: AnyServer) -> None:
     ws = RawWS(server.port, token=make_token())
     try:
         ws.recv_json()
@@ -190,7 +188,7 @@ def test_inbound_kinds_and_client_close_echo(server: WSEServer) -> None:
         ws.close()
 
 
-def test_oversized_message_statusless_close(server_factory: Callable[..., WSEServer]) -> None:
+def test_oversized_message_statusless_close(server_factory: Callable[..., AnyServer]) -> None:
     server = server_factory(max_message_size=1024)
     for fragments in (False, True):
         ws = RawWS(server.port, token=make_token())
@@ -228,7 +226,7 @@ def test_oversized_message_statusless_close(server_factory: Callable[..., WSESer
     ],
 )
 def test_malformed_frames_fail_the_connection(
-    server: WSEServer, name: str, raw: bytes, code: int
+    server: AnyServer, name: str, raw: bytes, code: int
 ) -> None:
     ws = RawWS(server.port, token=make_token())
     try:
@@ -244,7 +242,7 @@ def test_malformed_frames_fail_the_connection(
         ws.close()
 
 
-def test_bad_http_request_gets_400(server: WSEServer) -> None:
+def test_bad_http_request_gets_400(server: AnyServer) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         data = b""
@@ -260,7 +258,7 @@ def test_bad_http_request_gets_400(server: WSEServer) -> None:
 
 
 def test_idle_connection_gets_statusless_close_and_pings_first(
-    server_factory: Callable[..., WSEServer],
+    server_factory: Callable[..., AnyServer],
 ) -> None:
     server = server_factory(ping_interval=0.2, idle_timeout=0.7)
     ws = RawWS(server.port, token=make_token())
@@ -280,7 +278,7 @@ def test_idle_connection_gets_statusless_close_and_pings_first(
         ws.close()
 
 
-def test_active_connection_is_not_idle_closed(server_factory: Callable[..., WSEServer]) -> None:
+def test_active_connection_is_not_idle_closed(server_factory: Callable[..., AnyServer]) -> None:
     server = server_factory(ping_interval=0.2, idle_timeout=0.5)
     ws = RawWS(server.port, token=make_token())
     try:
@@ -294,14 +292,14 @@ def test_active_connection_is_not_idle_closed(server_factory: Callable[..., WSES
         ws.close()
 
 
-def test_handshake_timeout_drops_silent_socket(server_factory: Callable[..., WSEServer]) -> None:
+def test_handshake_timeout_drops_silent_socket(server_factory: Callable[..., AnyServer]) -> None:
     server = server_factory(handshake_timeout=0.3)
     started = time.monotonic()
     assert_dropped_without_http(server.port, send_request=False)
     assert time.monotonic() - started < 3.0
 
 
-def test_max_connections_drops_extra_socket(server_factory: Callable[..., WSEServer]) -> None:
+def test_max_connections_drops_extra_socket(server_factory: Callable[..., AnyServer]) -> None:
     server = server_factory(max_connections=2)
     a = RawWS(server.port, token=make_token("a"))
     b = RawWS(server.port, token=make_token("b"))
@@ -320,7 +318,7 @@ def test_max_connections_drops_extra_socket(server_factory: Callable[..., WSESer
         c.close()
 
 
-def test_pyjwt_rs256_token_with_public_key(server_factory: Callable[..., WSEServer]) -> None:
+def test_pyjwt_rs256_token_with_public_key(server_factory: Callable[..., AnyServer]) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 

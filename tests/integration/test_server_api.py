@@ -14,7 +14,7 @@ import pytest
 import wse_server
 from wse_server import RustWSEServer, WSEServer, rust_jwt_decode, rust_jwt_encode
 
-from .conftest import SECRET, drain_until, make_token, wait_for
+from .conftest import IN_PROCESS_TRANSPORTS, SECRET, AnyServer, drain_until, make_token, wait_for
 from .rawws import RawWS
 from .test_raw_protocol import assert_dropped_without_http
 
@@ -108,18 +108,19 @@ def test_not_built_yet_features_raise_clearly() -> None:
 
 
 def test_start_twice_and_bind_error_in_callers_thread(
-    server_factory: Callable[..., WSEServer],
+    server_factory: Callable[..., AnyServer],
 ) -> None:
     server = server_factory()
     with pytest.raises(RuntimeError):
         server.start()
-    other = WSEServer("127.0.0.1", server.port)
+    other = server_factory(port=server.port, start=False)  # same transport, taken port
     with pytest.raises(OSError):
         other.start()
     assert not other.is_running()
 
 
-def test_callback_mode_runs_on_dispatcher_thread() -> None:
+@pytest.mark.parametrize("transport", IN_PROCESS_TRANSPORTS)
+def test_callback_mode_runs_on_dispatcher_thread(transport: str) -> None:
     calls: list[tuple[str, Any, str]] = []
     done = threading.Event()
 
@@ -133,7 +134,7 @@ def test_callback_mode_runs_on_dispatcher_thread() -> None:
         calls.append(("disconnect", cid, threading.current_thread().name))
         done.set()
 
-    server = WSEServer("127.0.0.1", 0, jwt_secret=SECRET)
+    server = WSEServer("127.0.0.1", 0, jwt_secret=SECRET, transport=transport)
     server.set_callbacks(on_connect, on_message, on_disconnect)
     server.start()
     try:
@@ -156,7 +157,7 @@ def test_callback_mode_runs_on_dispatcher_thread() -> None:
     assert {c[2] for c in calls} == {"wse-callbacks"}
 
 
-def test_drain_mode_blocks_until_first_event_then_batches(server: WSEServer) -> None:
+def test_drain_mode_blocks_until_first_event_then_batches(server: AnyServer) -> None:
     started = time.monotonic()
     assert server.drain_inbound(10, 150) == []
     assert time.monotonic() - started >= 0.14
@@ -175,7 +176,7 @@ def test_drain_mode_blocks_until_first_event_then_batches(server: WSEServer) -> 
         ws.close()
 
 
-def test_drain_inbound_wakes_when_an_event_arrives(server: WSEServer) -> None:
+def test_drain_inbound_wakes_when_an_event_arrives(server: AnyServer) -> None:
     result: list[Any] = []
     waiter = threading.Thread(target=lambda: result.append(server.drain_inbound(10, 5000)))
     waiter.start()
@@ -190,7 +191,7 @@ def test_drain_inbound_wakes_when_an_event_arrives(server: WSEServer) -> None:
         ws.close()
 
 
-def test_stop_sends_1001_and_disconnect_events(server_factory: Callable[..., WSEServer]) -> None:
+def test_stop_sends_1001_and_disconnect_events(server_factory: Callable[..., AnyServer]) -> None:
     server = server_factory()
     clients = [RawWS(server.port, token=make_token(f"u{i}")) for i in range(3)]
     try:
@@ -222,7 +223,7 @@ def test_stop_sends_1001_and_disconnect_events(server_factory: Callable[..., WSE
 
 
 def test_drain_closes_with_code_and_refuses_new_connections(
-    server_factory: Callable[..., WSEServer],
+    server_factory: Callable[..., AnyServer],
 ) -> None:
     server = server_factory()
     ws = RawWS(server.port, token=make_token())
@@ -243,7 +244,7 @@ def test_drain_closes_with_code_and_refuses_new_connections(
         server.drain(1005)  # not a code that may be sent
 
 
-def test_restart_after_stop(server_factory: Callable[..., WSEServer]) -> None:
+def test_restart_after_stop(server_factory: Callable[..., AnyServer]) -> None:
     server = server_factory()
     server.stop()
     server.start()
@@ -254,7 +255,7 @@ def test_restart_after_stop(server_factory: Callable[..., WSEServer]) -> None:
         ws.close()
 
 
-def test_disconnect_statusless_and_send_forms(server: WSEServer) -> None:
+def test_disconnect_statusless_and_send_forms(server: AnyServer) -> None:
     ws = RawWS(server.port, token=make_token())
     try:
         ws.recv_json()
@@ -274,7 +275,7 @@ def test_disconnect_statusless_and_send_forms(server: WSEServer) -> None:
         ws.close()
 
 
-def test_acl_queue_groups_and_limits(server_factory: Callable[..., WSEServer]) -> None:
+def test_acl_queue_groups_and_limits(server_factory: Callable[..., AnyServer]) -> None:
     server = server_factory(max_subscriptions_per_connection=2)
     restricted = make_token("r", wse_topics={"allow": ["public.*"], "deny": ["public.secret"]})
     a = RawWS(server.port, token=restricted)
@@ -397,7 +398,7 @@ def test_compat_jwt_helpers_match_server_validation() -> None:
         server.stop()
 
 
-def test_serve_raises_bind_errors(server_factory: Callable[..., WSEServer]) -> None:
+def test_serve_raises_bind_errors(server_factory: Callable[..., AnyServer]) -> None:
     taken = server_factory()
 
     async def scenario() -> None:

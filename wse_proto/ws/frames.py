@@ -6,6 +6,14 @@ walks every complete frame by offset, and keeps only the unfinished tail. While
 a frame is incomplete the decoder remembers how many bytes it needs, so a large
 frame arriving in many reads is joined once, not once per read.
 
+Server side, a run of complete, unfragmented, masked text/binary frames (what a
+busy client sends) takes a fast path: the walk only reads headers and collects
+each frame's mask key repeated over its payload into one "mask stream" aligned
+with the buffer; one big-integer XOR of the whole run then unmasks every payload
+at once, and the payloads are sliced out of the result. Everything else (control
+frames, fragments, 64-bit lengths, any frame that breaks a rule) goes through the
+general walk, which raises the precise error.
+
 Wire rules (RFC 6455 §5): the server side requires masked frames and the client
 side unmasked ones; reserved bits are refused because wse-py never negotiates an
 extension (spec/PROTOCOL.md §handshake: permessage-deflate is declined); control
@@ -79,6 +87,12 @@ def is_valid_close_code(code: int) -> bool:
 _REPUNIT_WORDS: Final = 128
 _REPUNIT: Final = [(1 << (32 * k)) // 0xFFFFFFFF for k in range(_REPUNIT_WORDS + 1)]
 _U32LE = struct.Struct("<I")
+
+# Zero runs that cover a frame header (minus the previous key's overshoot) in the
+# mask stream of the fast path; headers there are 6 or 8 bytes.
+_ZEROS: Final = tuple(bytes(k) for k in range(9))
+_FAST_MAX_LENGTH: Final = 65535
+"""Largest payload on the fast path: 7- and 16-bit length forms only."""
 
 
 def apply_mask(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
@@ -169,6 +183,7 @@ class FrameDecoder:
         "_chunks",
         "_closed",
         "_error",
+        "_fast_max",
         "_frag_op",
         "_frag_parts",
         "_frag_size",
@@ -190,6 +205,8 @@ class FrameDecoder:
             raise LocalProtocolError("max_message_size must be >= 0")
         self._mask_bit = 0 if client_side else 0x80
         self._max = max_message_size
+        # Payload lengths the fast path may take without the general checks (0: never).
+        self._fast_max = 0 if client_side else min(max_message_size, _FAST_MAX_LENGTH)
         self._validate = validate_utf8
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -236,8 +253,11 @@ class FrameDecoder:
         need = 2
         out: list[tuple[int, bytes]] = []
         mask_bit = self._mask_bit
+        fast = self._fast_max != 0
         try:
             while True:
+                if fast and not self._frag_op:
+                    pos = self._masked_run(buf, pos, out)
                 avail = n - pos
                 if avail < 2:
                     need = 2
@@ -364,6 +384,69 @@ class FrameDecoder:
             self._buffered = n - pos
             self._need = need
         return out
+
+    def _masked_run(self, buf: bytes, pos: int, out: list[tuple[int, bytes]]) -> int:
+        """Decode the run of fast-path frames at ``pos`` into ``out``; return the new offset.
+
+        A frame qualifies when it is complete, FIN, TEXT or BINARY, masked, no longer than
+        ``_fast_max`` and minimally encoded with a 7- or 16-bit length: every rule the
+        general walk checks holds for it, so it cannot raise a framing error. The first
+        frame that does not qualify ends the run and is left to the general walk.
+        """
+        n = len(buf)
+        start = pos
+        limit = self._fast_max
+        parts: list[bytes] = []
+        spans: list[int] = []  # opcode, payload start, payload end (offsets into buf)
+        add_part = parts.append
+        add_span = spans.append
+        carry = 0  # bytes the previous repeated key overshot into this header
+        while n - pos >= 6:
+            b0 = buf[pos]
+            length = buf[pos + 1] - 0x80  # negative: unmasked
+            if length < 126:
+                if length < 0 or (b0 != 0x81 and b0 != 0x82):  # FIN TEXT/BINARY, no RSV
+                    break
+                body = pos + 6
+            elif length == 126 and n - pos >= 8 and (b0 == 0x81 or b0 == 0x82):
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                if length < 126:
+                    break
+                body = pos + 8
+            else:
+                break
+            end = body + length
+            if end > n or length > limit:
+                break
+            words = (length + 3) >> 2
+            add_part(_ZEROS[body - pos - carry])
+            add_part(buf[body - 4 : body] * words)
+            carry = (words << 2) - length
+            add_span(b0 - 0x80)
+            add_span(body)
+            add_span(end)
+            pos = end
+        if not spans:
+            return pos
+        # RFC 6455 §5.3: XOR every payload with its key in one pass. The mask stream is
+        # ``carry`` bytes longer than the run; those high bytes are never sliced.
+        plain = (
+            int.from_bytes(buf[start:pos] if start else buf[:pos], "little")
+            ^ int.from_bytes(b"".join(parts), "little")
+        ).to_bytes(pos - start + carry, "little")
+        it = iter(spans)
+        if not self._validate:
+            if start:  # offsets into plain are relative to the run
+                out += [(op, plain[a - start : b - start]) for op, a, b in zip(it, it, it)]
+            else:
+                out += [(op, plain[a:b]) for op, a, b in zip(it, it, it)]
+            return pos
+        for op, a, b in zip(it, it, it):
+            payload = plain[a - start : b - start]
+            if op == TEXT and not payload.isascii():
+                decode_text(payload)  # RFC 6455 §8.1: raises the 1007 error
+            out.append((op, payload))
+        return pos
 
 
 # Pre-built 2-byte headers for small unmasked FIN frames: the broadcast hot path.

@@ -51,6 +51,7 @@ __all__ = ["ClientFrame", "RefServer", "RefSession", "SessionPolicy"]
 
 _MAX_HEAD = 65536
 _ZERO_MASK = b"\x00\x00\x00\x00"
+PING_INTERVAL = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,9 @@ class ClientFrame:
                 inbound = codec.decode_client_text(self.payload.decode("utf-8"))
             except (UnicodeDecodeError, WSEError):
                 return None
-            return inbound.value if inbound.kind == "msg" and isinstance(inbound.value, dict) else None
+            return (
+                inbound.value if inbound.kind == "msg" and isinstance(inbound.value, dict) else None
+            )
         if self.encrypted:
             for ev in self.events:
                 if isinstance(ev, MessageReceived) and isinstance(ev.value, dict):
@@ -116,8 +119,9 @@ class RefSession:
         self.index = index
         self._reader = reader
         self._writer = writer
+        # Heartbeats like a real server (clients reconnect after ~40 s without one, §11.6).
         config = ServerConfig(
-            ping_interval=3600.0,
+            ping_interval=PING_INTERVAL,
             idle_timeout=7200.0,
             recovery_enabled=policy.recovery,
             close_timeout=3.0,
@@ -145,7 +149,6 @@ class RefSession:
         self._decoder = FrameDecoder(client_side=False, max_message_size=1 << 24)
         self._decoder_failed = False
         self._timer: asyncio.TimerHandle | None = None
-        self._wake = asyncio.Event()
 
     # ------------------------------------------------------------------ properties
 
@@ -188,7 +191,6 @@ class RefSession:
             self.conn.receive_eof(monotonic())
             self._collect()
             self._close_socket()
-            self._wake.set()
             self.server.changed()
 
     def _on_bytes(self, data: bytes) -> None:
@@ -217,7 +219,6 @@ class RefSession:
         if data and not self._decoder_failed:
             self._decoder.receive_data(data)
             self._drain(now)
-        self._wake.set()
         self.server.changed()
 
     def _drain(self, now: float) -> None:
@@ -272,7 +273,7 @@ class RefSession:
         self._timer = None
         self.conn.handle_timer(monotonic())
         self._collect()
-        self._wake.set()
+        self.server.changed()
 
     def _close_socket(self) -> None:
         if self._timer is not None:
@@ -295,7 +296,7 @@ class RefSession:
         )
         self.ready_at = monotonic()
         self._collect()
-        self._wake.set()
+        self.server.changed()
 
     # ------------------------------------------------------------------ sending
 
@@ -324,7 +325,9 @@ class RefSession:
     def send_event(self, event: dict[str, Any], compression_threshold: int = 1024) -> None:
         """``send_event`` output (binary JSON, ``C:``, or ``E:`` on an encrypted session)."""
         if self.open:
-            self.conn.send_event(event, now=monotonic(), compression_threshold=compression_threshold)
+            self.conn.send_event(
+                event, now=monotonic(), compression_threshold=compression_threshold
+            )
             self._collect()
 
     def write_raw(self, data: bytes) -> None:
@@ -344,17 +347,18 @@ class RefSession:
     # ------------------------------------------------------------------ waiting
 
     async def wait(self, predicate: Callable[[], Any], what: str, timeout: float) -> Any:
+        """Wait for ``predicate()`` to be truthy; Fail on timeout or when the session ends."""
         deadline = monotonic() + timeout
         while True:
             value = predicate()
             if value:
                 return value
+            if self.eof:
+                raise Fail(f"session {self.index}: the connection ended before {what}")
             remaining = deadline - monotonic()
             if remaining <= 0:
                 raise Fail(f"session {self.index}: no {what} within {timeout:g} s")
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining)
+            await self.server.changed_within(remaining)
 
     def messages(self, since: int = 0) -> list[tuple[ClientFrame, dict[str, Any]]]:
         return [(f, m) for f in self.frames[since:] if (m := f.message) is not None]
@@ -375,8 +379,6 @@ class RefSession:
                 msg = self.frames[i].message
                 if msg is not None and msg.get("t") == t and (pred is None or pred(msg)):
                     return i, self.frames[i], msg
-            if not self.open and not self.eof:
-                return None
             return None
 
         index, frame, msg = await self.wait(find, what, timeout)
@@ -407,7 +409,9 @@ class RefSession:
 class RefServer:
     """Listens for the client under test; applies a :class:`SessionPolicy` per accept."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, user_id: str = "conformance-client") -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, user_id: str = "conformance-client"
+    ) -> None:
         self.host = host
         self.port = port
         self.user_id = user_id
@@ -453,7 +457,13 @@ class RefServer:
         self._policies.extend(policies)
 
     def changed(self) -> None:
+        """Something happened on some connection: wake every waiter to re-check."""
         self._wake.set()
+
+    async def changed_within(self, seconds: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         policy = self._policies.pop(0) if self._policies else self.default_policy
@@ -489,9 +499,7 @@ class RefServer:
             remaining = deadline - monotonic()
             if remaining <= 0:
                 raise Fail(f"no {what} within {timeout:g} s")
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining)
+            await self.changed_within(remaining)
 
     async def next_session(self, after: int, timeout: float) -> RefSession:
         """The first session with index >= ``after`` once it is upgraded."""

@@ -11,7 +11,17 @@ from typing import Any, TextIO
 
 from .core import KIT_VERSION, Outcome, Result, Scenario
 
-__all__ = ["summary", "to_json", "to_junit", "write_list", "write_table"]
+__all__ = [
+    "summary",
+    "to_json",
+    "to_junit",
+    "write_json",
+    "write_junit",
+    "write_list",
+    "write_row",
+    "write_summary",
+    "write_table",
+]
 
 _MARK = {
     Outcome.PASS: "PASS",
@@ -28,24 +38,32 @@ def summary(results: Sequence[Result]) -> dict[str, int]:
     return {o.value: counts.get(o.value, 0) for o in Outcome}
 
 
+def write_row(r: Result, out: TextIO, *, width: int = 32, verbose: bool = False) -> None:
+    """One scenario: outcome, id, section, time, first detail; then the other details
+    (for anything that did not plainly pass, or always with ``verbose``)."""
+    first = r.details[0] if r.details else ""
+    if len(first) > 110 and not verbose:
+        first = first[:107] + "..."
+    out.write(
+        f"{_MARK[r.outcome]:<12}{r.scenario.id:<{width + 2}}{r.scenario.section:<20}"
+        f"{r.duration:6.2f}s  {first}\n"
+    )
+    more = r.details[1:] if (verbose or r.outcome is not Outcome.PASS) else []
+    for line in more:
+        out.write(f"{'':<12}- {line}\n")
+
+
+def write_summary(results: Sequence[Result], out: TextIO) -> None:
+    counts = summary(results)
+    parts = ", ".join(f"{n} {name}" for name, n in counts.items() if n)
+    out.write(f"\n{parts} ({len(results)} scenarios)\n")
+
+
 def write_table(results: Sequence[Result], out: TextIO, *, verbose: bool = False) -> None:
-    """One line per scenario, then the evidence of everything that did not plainly pass."""
     width = max((len(r.scenario.id) for r in results), default=10)
     for r in results:
-        first = r.details[0] if r.details else ""
-        if len(first) > 100 and not verbose:
-            first = first[:97] + "..."
-        out.write(
-            f"{_MARK[r.outcome]:<12}{r.scenario.id:<{width + 2}}{r.scenario.section:<18}"
-            f"{r.duration:6.2f}s  {first}\n"
-        )
-        more = r.details[1:] if (verbose or r.outcome is not Outcome.PASS) else []
-        for line in more:
-            out.write(f"{'':<12}{'':<{width + 2}}  - {line}\n")
-    counts = summary(results)
-    out.write(
-        "\n" + ", ".join(f"{n} {name}" for name, n in counts.items() if n) + f" ({len(results)} scenarios)\n"
-    )
+        write_row(r, out, width=width, verbose=verbose)
+    write_summary(results, out)
 
 
 def write_list(scenarios: Sequence[Scenario], out: TextIO) -> None:

@@ -8,6 +8,7 @@ application to act use the control protocol (:mod:`.control`) and are skipped wi
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import re
@@ -20,8 +21,16 @@ from wse_proto.envelope import message_category
 from wse_proto.ws import BINARY, CONTINUATION, PING, PONG, TEXT
 
 from . import vectors
-from .checks import TS_RE, UUID7_RE, describe, is_sorted_compact, is_std_b64_point, json_equal
-from .checks import strip_stamp
+from .checks import (
+    TS_RE,
+    UUID7_RE,
+    describe,
+    is_sorted_compact,
+    is_std_b64_point,
+    json_equal,
+    strip_stamp,
+    token_subject,
+)
 from .core import Fail, Outcome, Scenario, ScenarioContext, Skip, Unsupported
 from .wsclient import KitConnection, ServerFrame, Target
 
@@ -81,16 +90,6 @@ def scenario(
         return fn
 
     return register
-
-
-def _unverified_sub(token: str) -> str | None:
-    try:
-        body = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    except (IndexError, ValueError):
-        return None
-    sub = claims.get("sub") if isinstance(claims, dict) else None
-    return sub if isinstance(sub, str) else None
 
 
 def _tamper(token: str) -> str:
@@ -153,7 +152,7 @@ class ServerModeContext(ScenarioContext):
 
     def user_id(self, user: str = "alice") -> str | None:
         """The ``sub`` the server should report for ``user``'s token."""
-        return _unverified_sub(self.token(user))
+        return token_subject(self.token(user))
 
     def mint(self, claims: dict[str, Any]) -> str:
         if self.jwt_secret is None:
@@ -174,7 +173,7 @@ class ServerModeContext(ScenarioContext):
         self,
         *,
         user: str = "alice",
-        token: str | None | bool = True,
+        token: str | bool | None = True,
         headers: Iterable[tuple[str, str]] = (),
         encryption: bool = False,
         msgpack: bool = False,
@@ -267,7 +266,9 @@ class ServerModeContext(ScenarioContext):
 
     async def end(self, scenario: Scenario) -> list[str]:
         problems = [
-            f"{c.label}: {c.violation}" for c in self._conns if c.violation and not c.expect_violation
+            f"{c.label}: {c.violation}"
+            for c in self._conns
+            if c.violation and not c.expect_violation
         ]
         await self._close_all()
         return problems
@@ -284,7 +285,7 @@ class ServerModeContext(ScenarioContext):
         return limits if isinstance(limits, dict) else {}
 
     async def auth_outcome(
-        self, *, token: str | None | bool = None, headers: Iterable[tuple[str, str]] = ()
+        self, *, token: str | bool | None = None, headers: Iterable[tuple[str, str]] = ()
     ) -> tuple[KitConnection, dict[str, Any] | None]:
         """Connect and return the connection and its ``error`` frame (None when ready)."""
         conn = await self.connect(token=token, headers=headers, ready=False)
@@ -351,10 +352,16 @@ async def _expect_auth_error(
     frame = texts[0]
     ctx.must(frame.opcode == TEXT, "the error frame is a text frame")
     p = error.get("p") if isinstance(error.get("p"), dict) else {}
-    ctx.must(error.get("t") == "error" and error.get("c") == "WSE", f"not an error envelope: {describe(error)}")
+    ctx.must(
+        error.get("t") == "error" and error.get("c") == "WSE",
+        f"not an error envelope: {describe(error)}",
+    )
     ctx.must(p.get("code") == code, f"p.code {p.get('code')!r}, expected {code!r}")
     ctx.must(p.get("message") == message, f"p.message {p.get('message')!r}, expected {message!r}")
-    ctx.must(isinstance(p.get("timestamp"), str) and TS_RE.match(p["timestamp"]), "p.timestamp in ts format")
+    ctx.must(
+        isinstance(p.get("timestamp"), str) and TS_RE.match(p["timestamp"]),
+        "p.timestamp in ts format",
+    )
     ctx.must(not {"id", "seq", "ts"} & error.keys(), "the auth error envelope has no id, seq or ts")
     ctx.must(error.get("v") == 1, "v is 1")
     ctx.must(is_sorted_compact(frame.text or ""), f"keys sorted, compact (K1): {frame.text}")
@@ -379,7 +386,9 @@ async def _expect_auth_error(
 )
 async def auth_required(ctx: ServerModeContext) -> None:
     conn, error = await ctx.auth_outcome(token=None)
-    await _expect_auth_error(ctx, conn, error, "AUTH_REQUIRED", "No JWT cookie or Authorization header")
+    await _expect_auth_error(
+        ctx, conn, error, "AUTH_REQUIRED", "No JWT cookie or Authorization header"
+    )
 
 
 @scenario(
@@ -408,15 +417,29 @@ async def auth_failed_claims(ctx: ServerModeContext) -> None:
     other = base64.b64encode(os.urandom(33)).decode()
     cases = [
         ("expired 120 s ago", ctx.mint({"sub": "conformance-x", "exp": now - 120}), False),
-        ("expired 5 s ago (within the 30 s leeway)", ctx.mint({"sub": "conformance-x", "exp": now - 5}), True),
-        ("not before in 120 s", ctx.mint({"sub": "conformance-x", "exp": now + 600, "nbf": now + 120}), False),
+        (
+            "expired 5 s ago (within the 30 s leeway)",
+            ctx.mint({"sub": "conformance-x", "exp": now - 5}),
+            True,
+        ),
+        (
+            "not before in 120 s",
+            ctx.mint({"sub": "conformance-x", "exp": now + 600, "nbf": now + 120}),
+            False,
+        ),
         ("without exp", ctx.mint({"sub": "conformance-x"}), False),
-        ("signed with another key", auth.encode_token({"sub": "x", "exp": now + 600}, other), False),
+        (
+            "signed with another key",
+            auth.encode_token({"sub": "x", "exp": now + 600}, other),
+            False,
+        ),
     ]
     head = base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
-    body = base64.urlsafe_b64encode(
-        json.dumps({"sub": "x", "exp": now + 600}).encode()
-    ).rstrip(b"=").decode()
+    body = (
+        base64.urlsafe_b64encode(json.dumps({"sub": "x", "exp": now + 600}).encode())
+        .rstrip(b"=")
+        .decode()
+    )
     cases.append(("alg none", f"{head}.{body}.", False))
     for label, token, accepted in cases:
         conn, error = await ctx.auth_outcome(token=token)
@@ -453,23 +476,30 @@ async def auth_missing_sub(ctx: ServerModeContext) -> None:
 )
 async def auth_token_sources(ctx: ServerModeContext) -> None:
     good, bad = ctx.token(), _tamper(ctx.token())
+
+    def both(cookie: str, authorization: str) -> list[tuple[str, str]]:
+        return [("Cookie", cookie), ("Authorization", authorization)]
+
     cases: list[tuple[str, list[tuple[str, str]], str | None]] = [
         ("cookie only", [("Cookie", f"access_token={good}")], None),
         ("cookie among others", [("Cookie", f"theme=dark; access_token={good} ; x=1")], None),
         ("bearer header only", [("Authorization", f"Bearer {good}")], None),
         ("lowercase bearer", [("Authorization", f"bearer {good}")], None),
-        ("valid cookie, bad bearer", [("Cookie", f"access_token={good}"), ("Authorization", f"Bearer {bad}")], None),
-        ("bad cookie wins over a valid bearer", [("Cookie", f"access_token={bad}"), ("Authorization", f"Bearer {good}")], "AUTH_FAILED"),
-        ("cookie 'null' skipped", [("Cookie", "access_token=null"), ("Authorization", f"Bearer {good}")], None),
-        ("other cookie name, 'Token' scheme", [("Cookie", f"my_token={good}"), ("Authorization", f"Token {good}")], "AUTH_REQUIRED"),
-    ]  # fmt: skip
+        ("valid cookie, bad bearer", both(f"access_token={good}", f"Bearer {bad}"), None),
+        ("bad cookie wins", both(f"access_token={bad}", f"Bearer {good}"), "AUTH_FAILED"),
+        ("cookie 'null' skipped", both("access_token=null", f"Bearer {good}"), None),
+        ("other cookie, 'Token'", both(f"my_token={good}", f"Token {good}"), "AUTH_REQUIRED"),
+    ]
     for label, headers, expected in cases:
         conn, error = await ctx.auth_outcome(token=None, headers=headers)
         if expected is None:
             ctx.must(error is None, f"{label}: refused ({conn.describe_end()})")
         else:
             p = (error or {}).get("p") or {}
-            ctx.must(error is not None and p.get("code") == expected, f"{label}: expected {expected}, got {describe(error)}")
+            ctx.must(
+                error is not None and p.get("code") == expected,
+                f"{label}: expected {expected}, got {describe(error)}",
+            )
 
 
 # ======================================================================================
@@ -516,10 +546,14 @@ async def server_ready(ctx: ServerModeContext) -> None:
     msg = frame.json
     ctx.must(isinstance(msg, dict) and msg.get("t") == "server_ready", f"first frame: {frame.text}")
     ctx.must(is_sorted_compact(frame.text or ""), "keys sorted, compact (K1)")
-    captured = json.loads(_frame_vector("server_ready", "frame-server-ready-capture-2")["expected"]["text"])
+    captured = json.loads(
+        _frame_vector("server_ready", "frame-server-ready-capture-2")["expected"]["text"]
+    )
     ctx.must(_same_shape(captured, msg), "same members at every level as the captured frame")
     ctx.must(msg["c"] == "WSE" and msg["seq"] == 1 and msg["v"] == 1, "c WSE, seq 1, v 1")
-    ctx.must(isinstance(msg["id"], str) and UUID7_RE.match(msg["id"]), f"id is a UUIDv7: {msg['id']!r}")
+    ctx.must(
+        isinstance(msg["id"], str) and UUID7_RE.match(msg["id"]), f"id is a UUIDv7: {msg['id']!r}"
+    )
     ctx.must(isinstance(msg["ts"], str) and TS_RE.match(msg["ts"]), f"ts format: {msg['ts']!r}")
     details = msg["p"]["details"]
     ctx.must(details["server_time"] == msg["ts"], "details.server_time equals ts")
@@ -527,14 +561,21 @@ async def server_ready(ctx: ServerModeContext) -> None:
     ctx.must(isinstance(cid, str) and cid, "details.connection_id is a string")
     ctx.should(UUID7_RE.match(cid), f"connection_id is a UUIDv7: {cid!r}")
     features = details["features"]
-    ctx.must(all(type(features[k]) is bool for k in READY_FEATURES), f"boolean features: {features}")
+    ctx.must(
+        all(type(features[k]) is bool for k in READY_FEATURES), f"boolean features: {features}"
+    )
     ctx.must(features["encryption"] is False, "features.encryption is false in server_ready")
     expected_user = ctx.user_id()
     if expected_user is not None:
-        ctx.must(details["user_id"] == expected_user, f"user_id {details['user_id']!r}, expected {expected_user!r}")
+        ctx.must(
+            details["user_id"] == expected_user,
+            f"user_id {details['user_id']!r}, expected {expected_user!r}",
+        )
     ctx.should(details["version"] == 1, "details.version is 1")
     ctx.should(
-        msg["p"]["message"] == captured["p"]["message"] and features["rust_jwt"] and features["rust_transport"],
+        msg["p"]["message"] == captured["p"]["message"]
+        and features["rust_jwt"]
+        and features["rust_transport"],
         "compatibility fields as captured (K5)",
     )
 
@@ -552,24 +593,43 @@ async def server_hello(ctx: ServerModeContext) -> None:
     msg = frame.json
     ctx.must(isinstance(msg, dict), "server_hello is JSON")
     ctx.must(is_sorted_compact(frame.text or ""), "keys sorted, compact (K1)")
-    captured = json.loads(_frame_vector("server_hello", "frame-server-hello-capture-4")["expected"]["text"])
+    captured = json.loads(
+        _frame_vector("server_hello", "frame-server-hello-capture-4")["expected"]["text"]
+    )
     ctx.must(_same_shape(captured, msg), f"same members as the captured frame: {frame.text}")
     p = msg["p"]
     ready = conn.ready or {}
-    ctx.must(p["connection_id"] == ready.get("details", {}).get("connection_id"), "connection_id as in server_ready")
-    ctx.must(p["protocol_version"] == 1, f"protocol_version {p['protocol_version']} for a client at 1")
+    ctx.must(
+        p["connection_id"] == ready.get("details", {}).get("connection_id"),
+        "connection_id as in server_ready",
+    )
+    ctx.must(
+        p["protocol_version"] == 1, f"protocol_version {p['protocol_version']} for a client at 1"
+    )
     features = p["features"]
-    ctx.must(all(type(features[k]) is bool for k in HELLO_FEATURES), f"boolean features: {features}")
+    ctx.must(
+        all(type(features[k]) is bool for k in HELLO_FEATURES), f"boolean features: {features}"
+    )
     ctx.must(
         all(features[k] for k in ("batching", "compression", "msgpack", "priority_queue")),
         "msgpack, compression, batching, priority_queue are true",
     )
-    ctx.must(features["encryption"] is False and "encryption_public_key" not in p, "no encryption unless asked")
+    ctx.must(
+        features["encryption"] is False and "encryption_public_key" not in p,
+        "no encryption unless asked",
+    )
     ready_recovery = ready.get("details", {}).get("features", {}).get("recovery")
     ctx.must(features["recovery"] == ready_recovery, "features.recovery as in server_ready")
-    ctx.must(all(type(v) is int and v >= 0 for v in p["limits"].values()), f"integer limits: {p['limits']}")
-    ctx.must(type(p["ping_interval"]) is int and p["ping_interval"] > 0, "ping_interval in ms (integer)")
-    ctx.must(isinstance(p["server_time"], str) and TS_RE.match(p["server_time"]), "server_time format")
+    ctx.must(
+        all(type(v) is int and v >= 0 for v in p["limits"].values()),
+        f"integer limits: {p['limits']}",
+    )
+    ctx.must(
+        type(p["ping_interval"]) is int and p["ping_interval"] > 0, "ping_interval in ms (integer)"
+    )
+    ctx.must(
+        isinstance(p["server_time"], str) and TS_RE.match(p["server_time"]), "server_time format"
+    )
     ctx.must(isinstance(p["server_version"], str) and p["server_version"], "server_version string")
 
 
@@ -590,7 +650,9 @@ async def server_hello_version(ctx: ServerModeContext) -> None:
         if version is not None:
             p["protocol_version"] = version
         conn.send_plain_text(json.dumps({"c": "WSE", "t": "client_hello", "p": p}))
-        _, msg = await conn.expect_message("server_hello", f"server_hello for protocol_version {label}")
+        _, msg = await conn.expect_message(
+            "server_hello", f"server_hello for protocol_version {label}"
+        )
         got = msg["p"].get("protocol_version")
         ctx.must(got == expected, f"protocol_version {label} gave {got!r}, expected {expected}")
 
@@ -598,7 +660,7 @@ async def server_hello_version(ctx: ServerModeContext) -> None:
 @scenario(
     "ping-pong-literal",
     "§7.4, §7.7, K2",
-    "a JSON ping gets the literal PONG ({c,t,p,v} order, '\"t\":\"PONG\"' in the first 25 chars)",
+    'a JSON ping gets the literal PONG ({c,t,p,v} order, \'"t":"PONG"\' in the first 25 chars)',
     vectors=("envelope:ping_client_timestamp", "envelope:frame"),
 )
 async def ping_pong_literal(ctx: ServerModeContext) -> None:
@@ -606,22 +668,37 @@ async def ping_pong_literal(ctx: ServerModeContext) -> None:
     sample = _frame_vector("pong", "frame-pong-capture-6")["expected"]["text"]
     ctx.must(PONG_RE.match(sample), "kit self-check: the PONG pattern matches the vector")
     cases = vectors.cases("envelope", "ping_client_timestamp")
-    cases.insert(0, {"id": "wse-client-form", "input": {"msg": {"c": "WSE", "t": "ping",
-                     "p": {"timestamp": int(time.time() * 1000)}, "v": 1}}, "expected": None})  # fmt: skip
+    own = {"c": "WSE", "t": "ping", "p": {"timestamp": int(time.time() * 1000)}, "v": 1}
+    cases.insert(0, {"id": "wse-client-form", "input": {"msg": own}, "expected": None})
     for case in cases:
         msg = case["input"]["msg"]
-        expected_ts = msg["p"]["timestamp"] if case["expected"] is None else case["expected"]["timestamp"]
+        expected_ts = (
+            msg["p"]["timestamp"] if case["expected"] is None else case["expected"]["timestamp"]
+        )
         conn.send_plain_text(json.dumps(msg, separators=(",", ":")))
-        frame = await conn.expect(lambda f: f.opcode == TEXT and b'"PONG"' in f.payload, f"PONG for {case['id']}")
+        frame = await conn.expect(
+            lambda f: f.opcode == TEXT and b'"PONG"' in f.payload, f"PONG for {case['id']}"
+        )
         text = frame.text or ""
         m = PONG_RE.match(text)
         ctx.must(m, f"{case['id']}: PONG is not the literal form: {text}")
         assert m is not None
-        ctx.must('"t":"PONG"' in text[:25], f"{case['id']}: '\"t\":\"PONG\"' not within 25 characters")
+        ctx.must(
+            '"t":"PONG"' in text[:25], f'{case["id"]}: \'"t":"PONG"\' not within 25 characters'
+        )
         client_ts, server_ts, latency = (int(g) for g in m.groups())
-        ctx.must(client_ts == expected_ts, f"{case['id']}: client_timestamp {client_ts}, expected {expected_ts}")
-        ctx.must(latency == max(0, server_ts - client_ts), f"{case['id']}: latency {latency} != max(0, server - client)")
-        ctx.should(abs(server_ts - time.time() * 1000) < 300_000, f"server_timestamp {server_ts} is wall-clock ms")
+        ctx.must(
+            client_ts == expected_ts,
+            f"{case['id']}: client_timestamp {client_ts}, expected {expected_ts}",
+        )
+        ctx.must(
+            latency == max(0, server_ts - client_ts),
+            f"{case['id']}: latency {latency} != max(0, server - client)",
+        )
+        ctx.should(
+            abs(server_ts - time.time() * 1000) < 300_000,
+            f"server_timestamp {server_ts} is wall-clock ms",
+        )
     await conn.settle(0.2)
     pongs = [f for f in conn.frames if f.opcode == TEXT and b'"t":"PONG"' in f.payload]
     ctx.must(len(pongs) == len(cases), f"{len(cases)} pings answered by {len(pongs)} PONGs")
@@ -637,12 +714,22 @@ async def client_heartbeats_consumed(ctx: ServerModeContext) -> None:
     mark = len(conn.frames)
     now_ms = int(time.time() * 1000)
     for text in (
-        json.dumps({"c": "WSE", "t": "PONG", "p": {"server_timestamp": "x", "client_timestamp": now_ms}, "v": 1}),
+        json.dumps(
+            {
+                "c": "WSE",
+                "t": "PONG",
+                "p": {"server_timestamp": "x", "client_timestamp": now_ms},
+                "v": 1,
+            }
+        ),
         json.dumps({"t": "pong"}),
     ):
         conn.send_plain_text(text)
     conn.send_plain_text(json.dumps({"t": "ping", "p": {"timestamp": 7}}))
-    await conn.expect(lambda f: f.opcode == TEXT and b'"client_timestamp":7,' in f.payload, "PONG to the marker ping")
+    await conn.expect(
+        lambda f: f.opcode == TEXT and b'"client_timestamp":7,' in f.payload,
+        "PONG to the marker ping",
+    )
     replies = [f.text for f in conn.data_frames(mark) if b'"client_timestamp":7,' not in f.payload]
     ctx.must(not replies, f"the server answered a client PONG/pong: {replies}")
 
@@ -658,14 +745,18 @@ async def server_ping(ctx: ServerModeContext) -> None:
         raise Fail(f"server_hello.ping_interval is {interval_ms!r}")
     wait = interval_ms / 1000 * 1.5 + 1.0
     if wait > ctx.max_wait:
-        raise Skip(f"ping_interval {interval_ms} ms is too long to observe (--max-wait {ctx.max_wait:g} s)")
+        raise Skip(
+            f"ping_interval {interval_ms} ms is too long to observe (--max-wait {ctx.max_wait:g} s)"
+        )
     conn = await ctx.connect()
     frame = await conn.expect(lambda f: f.is_server_ping, "server ping", timeout=wait)
     m = SERVER_PING_RE.match(frame.text or "")
     ctx.must(m, f"not the literal server ping: {frame.text}")
     assert m is not None
     ctx.must(TS_RE.match(m.group(1)), f"server_time format: {m.group(1)!r}")
-    ctx.must('"t":"ping"' in (frame.text or "")[:25], "'\"t\":\"ping\"' within the first 25 characters")
+    ctx.must(
+        '"t":"ping"' in (frame.text or "")[:25], '\'"t":"ping"\' within the first 25 characters'
+    )
     await conn.expect(lambda f: f.is_server_ping, "second server ping", timeout=wait)
 
 
@@ -689,26 +780,39 @@ async def close_echo(ctx: ServerModeContext) -> None:
         conn.close(code, reason)
         closed, got_code, got_reason = await conn.expect_closed()
         ctx.must(closed, f"no Close echo for {code}")
-        ctx.must((got_code, got_reason) == (code, reason), f"echo {got_code} {got_reason!r} for {code} {reason!r}")
+        ctx.must(
+            (got_code, got_reason) == (code, reason),
+            f"echo {got_code} {got_reason!r} for {code} {reason!r}",
+        )
         await conn.expect_eof()
 
 
-async def _expect_failed(ctx: ServerModeContext, conn: KitConnection, label: str, code: int) -> None:
-    closed, got, reason = await conn.expect_closed()
-    ctx.should(closed and got == code, f"{label}: Close {code} (F12), got {'Close ' + str(got) if closed else 'no Close'}")
+async def _expect_failed(
+    ctx: ServerModeContext, conn: KitConnection, label: str, code: int
+) -> None:
+    closed, got, _ = await conn.expect_closed()
+    ctx.should(
+        closed and got == code,
+        f"{label}: Close {code} (F12), got {'Close ' + str(got) if closed else 'no Close'}",
+    )
     await conn.expect_eof()
 
 
 @scenario(
     "malformed-frames",
     "§2.6, F12",
-    "framing violations (unmasked, reserved bits/opcodes, bad control frames, bad UTF-8) close the connection",
+    "framing violations (unmasked, reserved bits/opcodes, bad control frames, bad UTF-8) "
+    "close the connection",
     vectors=("websocket:decode_frames",),
 )
 async def malformed_frames(ctx: ServerModeContext) -> None:
     for case in vectors.cases("websocket", "decode_frames"):
         inp, expected = case["input"], case["expected"]
-        if "error" not in expected or "max_message_size" in inp or case["id"] == "decode-masked-to-client":
+        if (
+            "error" not in expected
+            or "max_message_size" in inp
+            or case["id"] == "decode-masked-to-client"
+        ):
             continue
         data = bytes.fromhex(inp["data_hex"])
         if inp["client_side"]:
@@ -735,7 +839,9 @@ async def oversized_message(ctx: ServerModeContext) -> None:
     conn = await ctx.connect()
     conn.send_frame(TEXT, b"a" * limit)
     conn.send_plain_text('{"t":"ping","p":{"timestamp":2}}')
-    await conn.expect(lambda f: b'"client_timestamp":2,' in f.payload, "PONG after a message at the limit")
+    await conn.expect(
+        lambda f: b'"client_timestamp":2,' in f.payload, "PONG after a message at the limit"
+    )
     conn = await ctx.connect()
     conn.send_frame(TEXT, b"a" * (limit + 1))
     await _expect_failed(ctx, conn, "oversized message", 1009)
@@ -753,8 +859,12 @@ async def fragmented_message(ctx: ServerModeContext) -> None:
     conn.send_frame(PING, b"between")
     conn.send_frame(CONTINUATION, text[10:20], fin=False)
     conn.send_frame(CONTINUATION, text[20:], fin=True)
-    await conn.expect(lambda f: f.opcode == PONG and f.payload == b"between", "Pong between fragments")
-    await conn.expect(lambda f: b'"client_timestamp":3,' in f.payload, "PONG to the reassembled ping")
+    await conn.expect(
+        lambda f: f.opcode == PONG and f.payload == b"between", "Pong between fragments"
+    )
+    await conn.expect(
+        lambda f: b'"client_timestamp":3,' in f.payload, "PONG to the reassembled ping"
+    )
 
 
 # ======================================================================================
@@ -765,30 +875,48 @@ async def fragmented_message(ctx: ServerModeContext) -> None:
 @scenario(
     "key-exchange",
     "§8.1, §8.2, §8.3, K10",
-    "client_hello with a key gets the server's key; transport frames stay plain; bad E: frames are dropped",
+    "client_hello with a key gets the server's key; transport frames stay plain; "
+    "bad E: frames are dropped",
 )
 async def key_exchange(ctx: ServerModeContext) -> None:
     conn = await ctx.connect(encryption=True)
     hello = conn.hello
     assert hello is not None
     p = hello.payload
-    ctx.must(p.get("features", {}).get("encryption") is True, "server_hello features.encryption true")
-    ctx.must(is_std_b64_point(p.get("encryption_public_key")), f"encryption_public_key: {p.get('encryption_public_key')!r}")
-    ctx.must(hello.encrypted, "the kit derived the session key (HKDF-SHA256, no salt, info wse-encryption/aes-gcm-key)")
+    ctx.must(
+        p.get("features", {}).get("encryption") is True, "server_hello features.encryption true"
+    )
+    ctx.must(
+        is_std_b64_point(p.get("encryption_public_key")),
+        f"encryption_public_key: {p.get('encryption_public_key')!r}",
+    )
+    ctx.must(
+        hello.encrypted,
+        "the kit derived the session key (HKDF-SHA256, no salt, info wse-encryption/aes-gcm-key)",
+    )
     frame, _ = await conn.expect_message("server_hello", since=0)
-    ctx.must(frame.opcode == TEXT and is_sorted_compact(frame.text or ""), "server_hello is plain sorted JSON")
+    ctx.must(
+        frame.opcode == TEXT and is_sorted_compact(frame.text or ""),
+        "server_hello is plain sorted JSON",
+    )
     conn.send_plain_text('{"t":"ping","p":{"timestamp":4}}')
     pong = await conn.expect(lambda f: b'"client_timestamp":4,' in f.payload, "plaintext PONG")
     ctx.must(pong.opcode == TEXT, "PONG is never encrypted")
     conn.send_frame(BINARY, b"E:" + os.urandom(40))  # fails GCM authentication
     conn.send_frame(BINARY, b"E:short")
     conn.send_plain_text('{"t":"ping","p":{"timestamp":5}}')
-    await conn.expect(lambda f: b'"client_timestamp":5,' in f.payload, "PONG after undecryptable E: frames (K10)")
+    await conn.expect(
+        lambda f: b'"client_timestamp":5,' in f.payload, "PONG after undecryptable E: frames (K10)"
+    )
     ctx.must(not conn.eof, "the connection stays open after bad E: frames")
 
 
 def _kex_hello(key: Any, encryption: Any = True) -> str:
-    p = {"client_version": "conformance", "protocol_version": 1, "features": {"encryption": encryption}}
+    p = {
+        "client_version": "conformance",
+        "protocol_version": 1,
+        "features": {"encryption": encryption},
+    }
     if key is not None:
         p["encryption_public_key"] = key
     return json.dumps({"c": "WSE", "t": "client_hello", "p": p})
@@ -797,7 +925,8 @@ def _kex_hello(key: Any, encryption: Any = True) -> str:
 @scenario(
     "key-exchange-invalid",
     "§8.2, §7.5, F15",
-    "unusable public keys get KEY_EXCHANGE_FAILED (literal form) then server_hello without encryption",
+    "unusable public keys get KEY_EXCHANGE_FAILED (literal form), then server_hello "
+    "without encryption",
     vectors=("crypto:decode_public_key",),
 )
 async def key_exchange_invalid(ctx: ServerModeContext) -> None:
@@ -807,44 +936,72 @@ async def key_exchange_invalid(ctx: ServerModeContext) -> None:
         if "error" not in case["expected"]:
             continue
         conn.send_plain_text(_kex_hello(case["input"]["public_b64"]))
-        frame = await conn.expect(lambda f: f.opcode == TEXT and b"KEY_EXCHANGE_FAILED" in f.payload, f"KEY_EXCHANGE_FAILED for {case['id']}")
-        ctx.must(KEX_FAILED_RE.match(frame.text or ""), f"{case['id']}: not the literal form: {frame.text}")
+        frame = await conn.expect(
+            lambda f: f.opcode == TEXT and b"KEY_EXCHANGE_FAILED" in f.payload,
+            f"KEY_EXCHANGE_FAILED for {case['id']}",
+        )
+        ctx.must(
+            KEX_FAILED_RE.match(frame.text or ""),
+            f"{case['id']}: not the literal form: {frame.text}",
+        )
         _, hello = await conn.expect_message("server_hello", f"server_hello after {case['id']}")
-        ctx.must(hello["p"]["features"]["encryption"] is False and "encryption_public_key" not in hello["p"], f"{case['id']}: encryption stays off")
-    valid = next(c for c in vectors.cases("crypto", "decode_public_key") if "error" not in c["expected"])
+        ctx.must(
+            hello["p"]["features"]["encryption"] is False
+            and "encryption_public_key" not in hello["p"],
+            f"{case['id']}: encryption stays off",
+        )
+    valid = next(
+        c for c in vectors.cases("crypto", "decode_public_key") if "error" not in c["expected"]
+    )
     for label, text in (
-        ("encryption \"true\" (a string)", _kex_hello(valid["input"]["public_b64"], "true")),
+        ('encryption "true" (a string)', _kex_hello(valid["input"]["public_b64"], "true")),
         ("encryption true without a key", _kex_hello(None)),
     ):
         mark = len(conn.frames)
         conn.send_plain_text(text)
         _, hello = await conn.expect_message("server_hello", f"server_hello for {label}")
         ctx.must(hello["p"]["features"]["encryption"] is False, f"{label}: no exchange")
-        ctx.must(not any(b"KEY_EXCHANGE_FAILED" in f.payload for f in conn.frames[mark:]), f"{label}: no error frame")
+        ctx.must(
+            not any(b"KEY_EXCHANGE_FAILED" in f.payload for f in conn.frames[mark:]),
+            f"{label}: no error frame",
+        )
 
 
-@scenario("key-exchange-once", "§8.2, K9", "a second client_hello cannot re-key: encryption:false, the first key stays")
+@scenario(
+    "key-exchange-once",
+    "§8.2, K9",
+    "a second client_hello cannot re-key: encryption:false, the first key stays",
+)
 async def key_exchange_once(ctx: ServerModeContext) -> None:
     conn = await ctx.connect(encryption=True)
     ctx.must(conn.hello is not None and conn.hello.encrypted, "first exchange")
-    valid = next(c for c in vectors.cases("crypto", "decode_public_key") if "error" not in c["expected"])
+    valid = next(
+        c for c in vectors.cases("crypto", "decode_public_key") if "error" not in c["expected"]
+    )
     mark = len(conn.frames)
     conn.send_plain_text(_kex_hello(valid["input"]["public_b64"]))
-    _, hello = await conn.expect_message("server_hello", "server_hello to the second client_hello", since=mark)
+    _, hello = await conn.expect_message(
+        "server_hello", "server_hello to the second client_hello", since=mark
+    )
     ctx.must(hello["p"]["features"]["encryption"] is False, "second hello: encryption false")
     ctx.must("encryption_public_key" not in hello["p"], "second hello: no server key")
-    ctx.must(not any(b"KEY_EXCHANGE_FAILED" in f.payload for f in conn.frames[mark:]), "no error frame")
+    ctx.must(
+        not any(b"KEY_EXCHANGE_FAILED" in f.payload for f in conn.frames[mark:]), "no error frame"
+    )
     if ctx.control_available:
         reply = await conn.control("send_event", event={"t": "conformance_after_rekey", "p": {}})
         ctx.must(reply["results"][0] > 0, "send_event after the second hello")
-        frame, _ = await conn.expect_message("conformance_after_rekey", "event encrypted with the first key")
+        frame, _ = await conn.expect_message(
+            "conformance_after_rekey", "event encrypted with the first key"
+        )
         ctx.must(frame.encrypted, "the event is an E: frame under the first key")
 
 
 @scenario(
     "encrypted-round-trip",
     "§8.3, §8.4, F4",
-    "after key exchange send_event and topic fan-out are E: frames of JSON; encrypted requests are decrypted",
+    "after key exchange send_event and topic fan-out are E: frames of JSON; encrypted "
+    "requests are decrypted",
     needs=("control",),
 )
 async def encrypted_round_trip(ctx: ServerModeContext) -> None:
@@ -853,11 +1010,17 @@ async def encrypted_round_trip(ctx: ServerModeContext) -> None:
     await conn.control("subscribe", topics=[topic])  # sent encrypted: proves §8.4
     reply = await conn.control(
         "send_event",
-        events=[{"t": "conformance_enc", "p": {"n": 1}}, {"t": "conformance_enc_big", "p": {"s": "x" * 3000}}],
+        events=[
+            {"t": "conformance_enc", "p": {"n": 1}},
+            {"t": "conformance_enc_big", "p": {"s": "x" * 3000}},
+        ],
     )
     ctx.must(all(n > 0 for n in reply["results"]), f"send_event results {reply['results']}")
     small, msg = await conn.expect_message("conformance_enc", since=0)
-    ctx.must(small.encrypted, f"send_event on an encrypted connection is an E: frame (opcode {small.opcode})")
+    ctx.must(
+        small.encrypted,
+        f"send_event on an encrypted connection is an E: frame (opcode {small.opcode})",
+    )
     ctx.must(msg.get("p") == {"n": 1}, f"decrypted payload {describe(msg.get('p'))}")
     big, msg = await conn.expect_message("conformance_enc_big", since=0)
     ctx.must(big.encrypted, "a payload over the compression threshold is still an E: frame")
@@ -866,7 +1029,10 @@ async def encrypted_round_trip(ctx: ServerModeContext) -> None:
     await conn.control("publish", topic=topic, text=text)
     pub, msg = await conn.expect_message("conformance_enc_pub", since=0)
     ctx.must(pub.encrypted, "topic fan-out to an encrypted connection is an E: frame")
-    ctx.must(msg.get("c") == "U" and msg.get("p") == {"k": 2}, f"published text after category injection: {describe(msg)}")
+    ctx.must(
+        msg.get("c") == "U" and msg.get("p") == {"k": 2},
+        f"published text after category injection: {describe(msg)}",
+    )
     ivs = [f.payload[2:14] for f in conn.frames if f.encrypted]
     ctx.should(len(set(ivs)) == len(ivs), "a fresh IV per E: frame")
 
@@ -904,19 +1070,33 @@ async def send_event_forms(ctx: ServerModeContext) -> None:
         # per connection (§4.5 step 1).
         conn = await ctx.connect()
         mark = len(conn.frames)
-        await conn.control("send_event", event=event, compression_threshold=inp["compression_threshold"])
+        await conn.control(
+            "send_event", event=event, compression_threshold=inp["compression_threshold"]
+        )
         frames = conn.data_frames(mark)
         ctx.must(len(frames) == 1, f"{case['id']}: expected one event frame, got {len(frames)}")
         frame = frames[0]
         ctx.must(frame.opcode == BINARY, f"{case['id']}: send_event output is a binary frame (K3)")
         if "payload_text" in expected:
-            ctx.must(frame.payload == expected["payload_text"].encode(), f"{case['id']}: {describe(frame.payload)}")
+            ctx.must(
+                frame.payload == expected["payload_text"].encode(),
+                f"{case['id']}: {describe(frame.payload)}",
+            )
         else:
             import zlib
 
-            ctx.must(frame.payload[:2] == b"C:", f"{case['id']}: expected C: prefix, got {describe(frame.payload[:8])}")
-            ctx.should(frame.payload[2:4].hex() == expected["zlib_header_hex"], f"{case['id']}: zlib level 1 header 7801")
-            ctx.must(zlib.decompress(frame.payload[2:]) == expected["decompressed_text"].encode(), f"{case['id']}: decompressed text")
+            ctx.must(
+                frame.payload[:2] == b"C:",
+                f"{case['id']}: expected C: prefix, got {describe(frame.payload[:8])}",
+            )
+            ctx.should(
+                frame.payload[2:4].hex() == expected["zlib_header_hex"],
+                f"{case['id']}: zlib level 1 header 7801",
+            )
+            ctx.must(
+                zlib.decompress(frame.payload[2:]) == expected["decompressed_text"].encode(),
+                f"{case['id']}: decompressed text",
+            )
     ctx.note(f"{used} encode_event vectors sent")
 
 
@@ -938,32 +1118,49 @@ async def send_event_envelope(ctx: ServerModeContext) -> None:
     ctx.must(len(frames) == len(cases), f"{len(cases)} events sent, {len(frames)} frames seen")
     for case, frame in zip(cases, frames):
         msg = json.loads(frame.payload)
-        ctx.must(msg.get("c") == case["expected"]["c"], f"{case['id']}: c {msg.get('c')!r}, expected {case['expected']['c']!r}")
+        ctx.must(
+            msg.get("c") == case["expected"]["c"],
+            f"{case['id']}: c {msg.get('c')!r}, expected {case['expected']['c']!r}",
+        )
         if case["input"]["t"] == "":
             ctx.must("t" not in msg, f"{case['id']}: an empty t is not copied (§4.5 step 4)")
     msg = json.loads(frames[0].payload)
     ctx.must(is_sorted_compact(frames[0].payload.decode()), "keys sorted, compact (K1)")
     ctx.must(UUID7_RE.match(msg.get("id", "")), f"id is a UUIDv7: {msg.get('id')!r}")
-    ctx.must(type(msg.get("seq")) is int and TS_RE.match(msg.get("ts", "")) and msg.get("v") == 1, "seq, ts, v")
+    ctx.must(
+        type(msg.get("seq")) is int and TS_RE.match(msg.get("ts", "")) and msg.get("v") == 1,
+        "seq, ts, v",
+    )
     seqs = [json.loads(f.payload)["seq"] for f in frames]
-    ctx.should(all(b > a for a, b in zip(seqs, seqs[1:])), f"seq increases: {seqs[:5]}...")
+    ctx.should(all(b > a for a, b in itertools.pairwise(seqs)), f"seq increases: {seqs[:5]}...")
 
 
-@scenario("send-event-dedup", "§4.5, §11.5", "a repeated string id is not sent twice to the same connection", needs=("control",))
+@scenario(
+    "send-event-dedup",
+    "§4.5, §11.5",
+    "a repeated string id is not sent twice to the same connection",
+    needs=("control",),
+)
 async def send_event_dedup(ctx: ServerModeContext) -> None:
     conn = await ctx.connect()
     event = {"t": "conformance_dedup", "id": f"conformance-{os.urandom(6).hex()}", "p": {}}
     mark = len(conn.frames)
     reply = await conn.control("send_event", event=event, repeat=2)
-    ctx.must(reply["results"][0] > 0 and reply["results"][1] == 0, f"results {reply['results']}, expected [n, 0]")
-    frames = [f for f in conn.data_frames(mark) if any(m.get("id") == event["id"] for m in f.messages)]
+    ctx.must(
+        reply["results"][0] > 0 and reply["results"][1] == 0,
+        f"results {reply['results']}, expected [n, 0]",
+    )
+    frames = [
+        f for f in conn.data_frames(mark) if any(m.get("id") == event["id"] for m in f.messages)
+    ]
     ctx.must(len(frames) == 1, f"{len(frames)} frames with the id")
 
 
 @scenario(
     "msgpack-connection",
     "§10.2, §2.3, K12",
-    "?format=msgpack (as a substring) gives M: + msgpack send_event frames; broadcasts stay JSON text",
+    "?format=msgpack (as a substring) gives M: + msgpack send_event frames; broadcasts "
+    "stay JSON text",
     needs=("control",),
     vectors=("frames:encode_event",),
 )
@@ -977,7 +1174,9 @@ async def msgpack_connection(ctx: ServerModeContext) -> None:
         used += 1
         conn = await ctx.connect(msgpack=True)  # fresh: the vectors share an id (§4.5)
         mark = len(conn.frames)
-        await conn.control("send_event", event=event, compression_threshold=inp["compression_threshold"])
+        await conn.control(
+            "send_event", event=event, compression_threshold=inp["compression_threshold"]
+        )
         frames = conn.data_frames(mark)
         ctx.must(len(frames) == 1 and frames[0].opcode == BINARY, f"{case['id']}: one binary frame")
         expected = bytes.fromhex(case["expected"]["payload_hex"])
@@ -992,7 +1191,9 @@ async def msgpack_connection(ctx: ServerModeContext) -> None:
     odd = await ctx.connect(path=ctx.target.path + "?xformat=msgpackz", query_params=False)
     await odd.control("send_event", event={"t": "conformance_mp", "p": {}})
     frame, _ = await odd.expect_message("conformance_mp", since=0)
-    ctx.must(frame.payload[:2] == b"M:", "'xformat=msgpackz' contains format=msgpack: msgpack mode (K12)")
+    ctx.must(
+        frame.payload[:2] == b"M:", "'xformat=msgpackz' contains format=msgpack: msgpack mode (K12)"
+    )
 
 
 def _inbound_matches(expected: dict[str, Any], got: dict[str, Any]) -> bool:
@@ -1033,16 +1234,23 @@ async def inbound_decoding(ctx: ServerModeContext) -> None:
         conn.send_frame(opcode, payload)
         events = (await conn.control("inbound"))["events"]
         if expected["kind"] == "msg" and expected.get("raw_type") in consumed and opcode == TEXT:
-            ctx.must(not events, f"{case['id']}: consumed by the transport, but the app got {describe(events)}")
+            ctx.must(
+                not events,
+                f"{case['id']}: consumed by the transport, but the app got {describe(events)}",
+            )
             continue
-        ctx.must(len(events) == 1, f"{case['id']}: expected one {expected['kind']} event, got {describe(events)}")
+        ctx.must(
+            len(events) == 1,
+            f"{case['id']}: expected one {expected['kind']} event, got {describe(events)}",
+        )
         ctx.must(_inbound_matches(expected, events[0]), f"{case['id']}: got {describe(events[0])}")
 
 
 @scenario(
     "rate-limit-feedback",
     "§11.1, §7.5",
-    "exhausting send_event's bucket: rate_limit_warning, then one literal RATE_LIMITED; the connection stays",
+    "exhausting send_event's bucket: rate_limit_warning, then one literal RATE_LIMITED; "
+    "the connection stays",
     needs=("control",),
     vectors=("envelope:frame",),
 )
@@ -1052,31 +1260,57 @@ async def rate_limit_feedback(ctx: ServerModeContext) -> None:
     if type(capacity) is not int or capacity <= 0:
         raise Fail(f"server_hello.limits.rate_limit_capacity is {capacity!r}")
     if capacity > MAX_RATE_CAPACITY:
-        raise Skip(f"rate_limit_capacity {capacity} is too large to exhaust; run the server with ≤ {MAX_RATE_CAPACITY}")
+        raise Skip(
+            f"rate_limit_capacity {capacity} is too large to exhaust; "
+            f"run the server with ≤ {MAX_RATE_CAPACITY}"
+        )
     conn = await ctx.connect()
     mark = len(conn.frames)
     repeat = capacity + 2 + int(refill if isinstance(refill, int) else 0)
-    reply = await conn.control("send_event", event={"t": "conformance_rl", "p": {}}, repeat=repeat, timeout=max(ctx.timeout, 10.0))
+    reply = await conn.control(
+        "send_event",
+        event={"t": "conformance_rl", "p": {}},
+        repeat=repeat,
+        timeout=max(ctx.timeout, 10.0),
+    )
     results = reply["results"]
     ctx.must(0 in results, f"no send_event call was rate limited in {repeat} calls")
     limited_text = _frame_vector("rate_limited")["expected"]["text"].encode()
     frames = conn.frames[mark:]
     limited = [i for i, f in enumerate(frames) if f.opcode == TEXT and b"RATE_LIMITED" in f.payload]
     ctx.must(limited, "no RATE_LIMITED frame")
-    ctx.must(frames[limited[0]].payload == limited_text, f"RATE_LIMITED is not the literal form: {frames[limited[0]].text}")
+    ctx.must(
+        frames[limited[0]].payload == limited_text,
+        f"RATE_LIMITED is not the literal form: {frames[limited[0]].text}",
+    )
     ctx.should(len(limited) == 1, f"at most one RATE_LIMITED per second, got {len(limited)}")
-    warnings = [i for i, f in enumerate(frames) if f.opcode == TEXT and b"rate_limit_warning" in f.payload]
+    warnings = [
+        i for i, f in enumerate(frames) if f.opcode == TEXT and b"rate_limit_warning" in f.payload
+    ]
     ctx.must(warnings and warnings[0] < limited[0], "a rate_limit_warning precedes RATE_LIMITED")
     m = WARNING_RE.match(frames[warnings[0]].text or "")
     ctx.must(m, f"rate_limit_warning is not the literal form: {frames[warnings[0]].text}")
     assert m is not None
     current, limit, remaining = (int(g) for g in m.groups())
     ctx.must(limit == capacity, f"warning limit {limit}, capacity {capacity}")
-    ctx.should(capacity - 1 <= current + remaining <= capacity, f"current_rate {current} + remaining {remaining} ≈ capacity")
-    delivered = sum(1 for f in conn.data_frames(mark) if any(m_.get("t") == "conformance_rl" for m_ in f.messages))
-    ctx.must(delivered == sum(1 for n in results if n > 0), f"{delivered} events delivered, {sum(1 for n in results if n > 0)} accepted")
+    ctx.should(
+        capacity - 1 <= current + remaining <= capacity,
+        f"current_rate {current} + remaining {remaining} ≈ capacity",
+    )
+    delivered = sum(
+        1
+        for f in conn.data_frames(mark)
+        if any(m_.get("t") == "conformance_rl" for m_ in f.messages)
+    )
+    ctx.must(
+        delivered == sum(1 for n in results if n > 0),
+        f"{delivered} events delivered, {sum(1 for n in results if n > 0)} accepted",
+    )
     conn.send_plain_text('{"t":"ping","p":{"timestamp":6}}')
-    await conn.expect(lambda f: b'"client_timestamp":6,' in f.payload, "PONG after rate limiting (the connection stays)")
+    await conn.expect(
+        lambda f: b'"client_timestamp":6,' in f.payload,
+        "PONG after rate limiting (the connection stays)",
+    )
 
 
 @scenario(
@@ -1097,7 +1331,10 @@ async def broadcast_category(ctx: ServerModeContext) -> None:
         ctx.must(len(frames) == 1, f"{case['id']}: expected one broadcast frame, got {len(frames)}")
         ctx.must(frames[0].opcode == TEXT, f"{case['id']}: broadcasts are text frames (K3)")
         text, _ = strip_stamp(frames[0].payload.decode("utf-8"))
-        ctx.must(text == case["expected"]["text"], f"{case['id']}: {text!r}, expected {case['expected']['text']!r}")
+        ctx.must(
+            text == case["expected"]["text"],
+            f"{case['id']}: {text!r}, expected {case['expected']['text']!r}",
+        )
 
 
 @scenario(
@@ -1113,12 +1350,25 @@ async def subscription_glob(ctx: ServerModeContext) -> None:
         pattern, topic = case["input"]["pattern"], case["input"]["topic"]
         await conn.control("subscribe", topics=[pattern])
         mark = len(conn.frames)
-        await conn.control("publish", topic=topic, text=json.dumps({"t": "conformance_glob", "p": {"case": case["id"]}}))
-        got = [f for f in conn.data_frames(mark) if any(m.get("p", {}).get("case") == case["id"] for m in f.messages)]
+        await conn.control(
+            "publish",
+            topic=topic,
+            text=json.dumps({"t": "conformance_glob", "p": {"case": case["id"]}}),
+        )
+        got = [
+            f
+            for f in conn.data_frames(mark)
+            if any(m.get("p", {}).get("case") == case["id"] for m in f.messages)
+        ]
         if case["expected"]["match"]:
-            ctx.must(len(got) == 1, f"{case['id']}: pattern {pattern!r} should receive topic {topic[:40]!r}")
+            ctx.must(
+                len(got) == 1,
+                f"{case['id']}: pattern {pattern!r} should receive topic {topic[:40]!r}",
+            )
         else:
-            ctx.must(not got, f"{case['id']}: pattern {pattern!r} must not receive topic {topic[:40]!r}")
+            ctx.must(
+                not got, f"{case['id']}: pattern {pattern!r} must not receive topic {topic[:40]!r}"
+            )
         await conn.control("unsubscribe", topics=[pattern])
     topic = ctx.topic("unsub")
     await conn.control("subscribe", topics=[topic])
@@ -1139,7 +1389,10 @@ async def disconnect_statusless(ctx: ServerModeContext) -> None:
     await conn.control("disconnect")
     closed, code, reason = await conn.expect_closed()
     ctx.must(closed, "no Close frame")
-    ctx.must(code is None and reason == "", f"Close {code} {reason!r}, expected no status (peer sees 1005)")
+    ctx.must(
+        code is None and reason == "",
+        f"Close {code} {reason!r}, expected no status (peer sees 1005)",
+    )
     await conn.expect_eof(timeout=ctx.timeout + 5.0)
 
 
@@ -1165,7 +1418,11 @@ def _stamps(frames: list[ServerFrame], topic: str) -> list[tuple[str, int, str]]
 
 async def _publish_objects(conn: KitConnection, topic: str, count: int, start: int = 0) -> None:
     for n in range(start, start + count):
-        await conn.control("publish", topic=topic, text=json.dumps({"t": "conformance_rec", "p": {"n": n}}, separators=(",", ":")))
+        await conn.control(
+            "publish",
+            topic=topic,
+            text=json.dumps({"t": "conformance_rec", "p": {"n": n}}, separators=(",", ":")),
+        )
 
 
 @scenario(
@@ -1185,20 +1442,42 @@ async def recovery_stamps(ctx: ServerModeContext) -> None:
     await _publish_objects(conn, topic, 1, start=2)
     frames = conn.data_frames(mark)
     stamps = _stamps(frames, topic)
-    ctx.must(len(stamps) == 4, f"4 object publications, {len(stamps)} stamped frames: {[f.text for f in frames]}")
+    ctx.must(
+        len(stamps) == 4,
+        f"4 object publications, {len(stamps)} stamped frames: {[f.text for f in frames]}",
+    )
     epochs = {e for e, _, _ in stamps}
     ctx.must(len(epochs) == 1, f"one epoch per buffer, got {epochs}")
     offsets = [o for _, o, _ in stamps]
     ctx.must(offsets[:2] == [offsets[0], offsets[0] + 1], f"contiguous offsets {offsets}")
-    ctx.should(offsets == list(range(offsets[0], offsets[0] + 4)), f"non-objects take no offset (F7): {offsets}")
-    ctx.must(any(f.payload == b"not json" for f in frames), "the non-object publication is delivered unstamped")
+    ctx.should(
+        offsets == list(range(offsets[0], offsets[0] + 4)),
+        f"non-objects take no offset (F7): {offsets}",
+    )
+    ctx.must(
+        any(f.payload == b"not json" for f in frames),
+        "the non-object publication is delivered unstamped",
+    )
     empty = stamps[2][2]
-    ctx.must(re.fullmatch(r'\{"tp":"[^"]*","e":"[0-9a-f]{8}","o":\d+\}', empty), f"stamped empty object: {empty}")
-    ctx.must(stamps[0][2].endswith(',"c":"U","t":"conformance_rec","p":{"n":0}}'), f"stamp spliced before the members: {stamps[0][2]}")
+    ctx.must(
+        re.fullmatch(r'\{"tp":"[^"]*","e":"[0-9a-f]{8}","o":\d+\}', empty),
+        f"stamped empty object: {empty}",
+    )
+    ctx.must(
+        stamps[0][2].endswith(',"c":"U","t":"conformance_rec","p":{"n":0}}'),
+        f"stamp spliced before the members: {stamps[0][2]}",
+    )
 
 
-async def _recover(ctx: ServerModeContext, conn: KitConnection, topic: str, epoch: str | None, offset: int) -> dict[str, Any]:
-    reply = await conn.control("subscribe", topics=[topic], recover=True, positions={topic: {"epoch": epoch, "offset": offset}})
+async def _recover(
+    ctx: ServerModeContext, conn: KitConnection, topic: str, epoch: str | None, offset: int
+) -> dict[str, Any]:
+    reply = await conn.control(
+        "subscribe",
+        topics=[topic],
+        recover=True,
+        positions={topic: {"epoch": epoch, "offset": offset}},
+    )
     entry = (reply.get("recovery") or {}).get("topics", {}).get(topic)
     ctx.must(isinstance(entry, dict), f"no per-topic recovery outcome in {describe(reply)}")
     return entry
@@ -1221,15 +1500,23 @@ async def recovery_replay(ctx: ServerModeContext) -> None:
     epoch, first = stamps[0][0], stamps[0][1]
     late = await ctx.connect(user="bob")
     entry = await _recover(ctx, late, topic, epoch, first + 1)
-    ctx.must(entry.get("recovered") is True and entry.get("count") == 3, f"outcome {describe(entry)}")
-    ctx.must(entry.get("epoch") == epoch and entry.get("offset") == first + 4, f"position {describe(entry)}")
+    ctx.must(
+        entry.get("recovered") is True and entry.get("count") == 3, f"outcome {describe(entry)}"
+    )
+    ctx.must(
+        entry.get("epoch") == epoch and entry.get("offset") == first + 4,
+        f"position {describe(entry)}",
+    )
     await _publish_objects(pub, topic, 1, start=5)
     await late.wait(lambda: len(_stamps(late.frames, topic)) >= 4, "replayed and live frames")
     offsets = [o for _, o, _ in _stamps(late.frames, topic)]
     ctx.must(offsets[:3] == [first + 2, first + 3, first + 4], f"replay in offset order: {offsets}")
     await late.settle(0.2)
     offsets = [o for _, o, _ in _stamps(late.frames, topic)]
-    ctx.should(offsets == [first + 2, first + 3, first + 4, first + 5], f"each offset once, increasing (F8): {offsets}")
+    ctx.should(
+        offsets == [first + 2, first + 3, first + 4, first + 5],
+        f"each offset once, increasing (F8): {offsets}",
+    )
 
 
 @scenario(
@@ -1251,8 +1538,14 @@ async def recovery_outcomes(ctx: ServerModeContext) -> None:
     conn = await ctx.connect(user="bob")
     mark = len(conn.frames)
     entry = await _recover(ctx, conn, topic, other, 0)
-    ctx.must(entry.get("recovered") is False and entry.get("count") == 0, f"epoch mismatch: {describe(entry)}")
-    ctx.must(entry.get("epoch") == epoch and entry.get("offset") == last, f"epoch mismatch position: {describe(entry)}")
+    ctx.must(
+        entry.get("recovered") is False and entry.get("count") == 0,
+        f"epoch mismatch: {describe(entry)}",
+    )
+    ctx.must(
+        entry.get("epoch") == epoch and entry.get("offset") == last,
+        f"epoch mismatch position: {describe(entry)}",
+    )
     ctx.must(not _stamps(conn.frames[mark:], topic), "nothing replayed on an epoch mismatch")
     entry = await _recover(ctx, conn, ctx.topic("never-published"), epoch, 0)
     ctx.must(
@@ -1265,10 +1558,14 @@ async def recovery_outcomes(ctx: ServerModeContext) -> None:
 # Presence (PROTOCOL §14)
 # ======================================================================================
 
-PRESENCE_RE = re.compile(r'^\{"c":"WSE","p":\{"data":.*,"user_id":".*"\},"t":"presence_(join|leave|update)"\}$')
+PRESENCE_RE = re.compile(
+    r'^\{"c":"WSE","p":\{"data":.*,"user_id":".*"\},"t":"presence_(join|leave|update)"\}$'
+)
 
 
-async def _presence_events(conn: KitConnection, kind: str, user: str | None, mark: int, what: str) -> ServerFrame:
+async def _presence_events(
+    conn: KitConnection, kind: str, user: str | None, mark: int, what: str
+) -> ServerFrame:
     def match(frame: ServerFrame) -> bool:
         msg = frame.json
         return (
@@ -1291,14 +1588,21 @@ async def presence_join_leave(ctx: ServerModeContext) -> None:
     a = await ctx.connect()
     mark = len(a.frames)
     await a.control("subscribe", topics=[topic], presence_data={"status": "online", "z": 1})
-    frame = await _presence_events(a, "join", ctx.user_id(), mark, "presence_join for the joining connection")
-    ctx.must(PRESENCE_RE.match(frame.text or "") and is_sorted_compact(frame.text or ""), f"presence form: {frame.text}")
+    frame = await _presence_events(
+        a, "join", ctx.user_id(), mark, "presence_join for the joining connection"
+    )
+    ctx.must(
+        PRESENCE_RE.match(frame.text or "") and is_sorted_compact(frame.text or ""),
+        f"presence form: {frame.text}",
+    )
     ctx.must(frame.json["p"]["data"] == {"status": "online", "z": 1}, "presence data as given")
     if ctx.distinct_users:
         b = await ctx.connect(user="bob")
         mark = len(a.frames)
         await b.control("subscribe", topics=[topic], presence_data={"status": "away"})
-        await _presence_events(a, "join", ctx.user_id("bob"), mark, "presence_join for a second user")
+        await _presence_events(
+            a, "join", ctx.user_id("bob"), mark, "presence_join for a second user"
+        )
         mark = len(a.frames)
         await b.control("unsubscribe", topics=[topic])
         frame = await _presence_events(a, "leave", ctx.user_id("bob"), mark, "presence_leave")
@@ -1314,7 +1618,12 @@ async def presence_join_leave(ctx: ServerModeContext) -> None:
         ctx.note("one token only: checked that a user's second connection produces no events")
 
 
-@scenario("presence-update-query", "§14.2, §14.3", "update_presence sends presence_update; presence() lists members", needs=("control", "presence"))
+@scenario(
+    "presence-update-query",
+    "§14.2, §14.3",
+    "update_presence sends presence_update; presence() lists members",
+    needs=("control", "presence"),
+)
 async def presence_update_query(ctx: ServerModeContext) -> None:
     topic = ctx.topic("presence-upd")
     a = await ctx.connect()
@@ -1327,6 +1636,11 @@ async def presence_update_query(ctx: ServerModeContext) -> None:
     members = reply.get("members", {})
     user = ctx.user_id()
     ctx.must(isinstance(members, dict) and user in members, f"members {describe(members)}")
-    ctx.must(members[user].get("data") == {"v": 2} and members[user].get("connections") == 1, f"entry {describe(members[user])}")
-    ctx.must(reply.get("stats") == {"num_users": 1, "num_connections": 1}, f"stats {describe(reply.get('stats'))}")
-
+    ctx.must(
+        members[user].get("data") == {"v": 2} and members[user].get("connections") == 1,
+        f"entry {describe(members[user])}",
+    )
+    ctx.must(
+        reply.get("stats") == {"num_users": 1, "num_connections": 1},
+        f"stats {describe(reply.get('stats'))}",
+    )

@@ -319,7 +319,9 @@ class KitConnection:
 
     # ------------------------------------------------------------------ waiting
 
-    async def wait(self, predicate: Callable[[], T | None], what: str, timeout: float | None = None) -> T:
+    async def wait(
+        self, predicate: Callable[[], T | None], what: str, timeout: float | None = None
+    ) -> T:
         """Wait until ``predicate()`` returns something truthy; Fail after ``timeout``."""
         limit = self.timeout if timeout is None else timeout
         deadline = monotonic() + limit
@@ -436,7 +438,9 @@ class KitConnection:
 
         def ready() -> bool:
             if self.closed_event is not None or self.eof:
-                raise Fail(f"{self.label}: connection ended before server_ready ({self.describe_end()})")
+                raise Fail(
+                    f"{self.label}: connection ended before server_ready ({self.describe_end()})"
+                )
             return self.ready is not None and (not hello or self.hello is not None)
 
         await self.wait(ready, "server_ready" + (" and server_hello" if hello else ""))
@@ -457,7 +461,9 @@ class KitConnection:
 
     # ------------------------------------------------------------------ control protocol
 
-    async def control(self, action: str, timeout: float | None = None, **params: Any) -> dict[str, Any]:
+    async def control(
+        self, action: str, timeout: float | None = None, **params: Any
+    ) -> dict[str, Any]:
         """One request of the conformance control protocol; returns the reply payload.
 
         Raises Unsupported when the server answers ``error: "unsupported"``.
@@ -478,7 +484,9 @@ class KitConnection:
         p: dict[str, Any] = msg["p"]
         if not p.get("ok"):
             if p.get("error") == "unsupported":
-                raise Unsupported(f"not supported by the server under test: {p.get('message', action)}")
+                raise Unsupported(
+                    f"not supported by the server under test: {p.get('message', action)}"
+                )
             raise Fail(f"control {action!r} failed: {p.get('error')}: {p.get('message')}")
         return p
 

@@ -1,0 +1,1 @@
+"""Tests of the conformance kit (wse_server.conformance) over loopback."""
