@@ -159,6 +159,17 @@ def test_large_payload_stamp_is_identical_to_small_path() -> None:
     assert out == b'{"tp":"big","e":"00000005","o":3,' + body[1:]
 
 
+@pytest.mark.parametrize("size", [10, 4094, 4095, 4096, 50_000])
+@pytest.mark.parametrize("topic", ["plain", "100%d %s %%", "ü/%b"])
+def test_publish_stamps_exactly_like_stamp(size: int, topic: str) -> None:
+    s = store()
+    for body in (b'{"k":"' + b"v" * size + b'"}', b' \n{ "k" : "' + b"w" * size + b'"}', b"{}"):
+        res = s.publish(topic, body, 0.0)
+        assert res is not None
+        assert res[0] == stamp(topic, res[1], res[2], body)
+        assert json.loads(res[0])["tp"] == topic
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8),
     lambda inner: (

@@ -413,7 +413,7 @@ class RecoveryStore:
         "config",
     )
 
-    def __init__(self, config: RecoveryConfig | None = None, *, rand: RandFn) -> None:
+    def __init__(self, config: RecoveryConfig | None, rand: RandFn) -> None:
         self.config = config if config is not None else RecoveryConfig()
         self._rand = rand
         self._capacity = self.config.capacity

@@ -544,6 +544,8 @@ class BlockingTransport(Transport):
         s.events = events
 
     def _on_acceptable(self, listener: _Listener, now: float) -> None:
+        if self._accept_retry_at != math.inf:
+            return  # out of descriptors earlier in this batch
         lsock = listener.sock
         for _ in range(ACCEPT_BATCH):
             try:
@@ -586,7 +588,7 @@ class BlockingTransport(Transport):
 
     def _on_readable(self, s: _Sock, now: float) -> None:
         # Lock held.
-        if self._paused or s.closing or s.dead:
+        if self._paused or s.closing or s.eof or s.dead:
             return  # paused earlier in this batch, or closed by an earlier event
         try:
             data = s.sock.recv(RECV_SIZE)

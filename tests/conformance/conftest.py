@@ -73,13 +73,17 @@ def run_server_kit(url: str, **kwargs: Any) -> dict[str, Result]:
 
 
 def run_client_kit(
-    command: Sequence[str], *, only: Sequence[str] = (), skip: Sequence[str] = ()
+    command: Sequence[str],
+    *,
+    only: Sequence[str] = (),
+    skip: Sequence[str] = (),
+    timeout: float = 5.0,
 ) -> tuple[dict[str, Result], str]:
     """Start ``command`` ({url}/{token} substituted) against the reference server and run
     the client scenarios; returns the results and the client's stderr."""
 
     async def go(log: Any) -> dict[str, Result]:
-        ctx = ClientModeContext(reconnect_timeout=10.0)
+        ctx = ClientModeContext(timeout=timeout, reconnect_timeout=10.0)
         await ctx.start()
         argv = [part.format(url=ctx.url, token=ctx.token) for part in command]
         proc = subprocess.Popen(argv, stdout=log, stderr=log)

@@ -215,8 +215,11 @@ async def _client_mode(args: argparse.Namespace, scenarios: list[Scenario]) -> i
     proc: subprocess.Popen[bytes] | None = None
     try:
         if args.run:
-            command = args.run.format(url=shlex.quote(ctx.url), token=shlex.quote(ctx.token))
-            proc = subprocess.Popen(shlex.split(command))
+            argv = [
+                part.replace("{url}", ctx.url).replace("{token}", ctx.token)
+                for part in shlex.split(args.run)
+            ]
+            proc = subprocess.Popen(argv)
         try:
             await ctx.wait_first(args.wait)
         except Exception as exc:

@@ -38,12 +38,13 @@ def set_directory(path: str | os.PathLike[str] | None) -> None:
 def vectors_dir() -> Path:
     """The directory holding the vector files."""
     candidates = []
-    if _override is not None:
-        candidates.append(_override)
     env = os.environ.get("WSE_VECTORS_DIR")
-    if env:
+    if _override is not None:
+        candidates.append(_override)  # an explicit choice: no fallback
+    elif env:
         candidates.append(Path(env))
-    candidates.append(Path(__file__).resolve().parents[2] / "spec" / "vectors")
+    else:
+        candidates.append(Path(__file__).resolve().parents[2] / "spec" / "vectors")
     for candidate in candidates:
         if (candidate / "frames.json").is_file():
             return candidate
