@@ -113,5 +113,7 @@ def outcomes(results: dict[str, Result]) -> dict[str, str]:
 
 def explain(results: dict[str, Result]) -> str:
     return "\n".join(
-        f"{sid}: {r.outcome.value}: {r.details}" for sid, r in results.items() if r.outcome.value != "pass"
+        f"{sid}: {r.outcome.value}: {r.details}"
+        for sid, r in results.items()
+        if r.outcome.value != "pass"
     )

@@ -26,7 +26,9 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert listed == [s.id for s in SERVER_SCENARIOS]
     assert main(["client", "--list", "--only", "decode-*", "--skip", "decode-batch"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert listed == [s.id for s in CLIENT_SCENARIOS if s.id.startswith("decode-") and s.id != "decode-batch"]
+    assert listed == [
+        s.id for s in CLIENT_SCENARIOS if s.id.startswith("decode-") and s.id != "decode-batch"
+    ]
 
 
 def test_reports_and_success(reference_server: WSEServer, tmp_path: Path) -> None:
@@ -41,7 +43,13 @@ def test_reports_and_success(reference_server: WSEServer, tmp_path: Path) -> Non
     assert code == 0
     doc = json.loads(report_json.read_text())
     ids = [r["id"] for r in doc["results"]]
-    assert ids == ["auth-required", "auth-failed", "auth-missing-sub", "auth-token-sources", "server-hello"]
+    assert ids == [
+        "auth-required",
+        "auth-failed",
+        "auth-missing-sub",
+        "auth-token-sources",
+        "server-hello",
+    ]
     assert doc["mode"] == "server" and doc["summary"]["pass"] == 5
     assert all(r["section"].startswith("§") for r in doc["results"])
     suite = ET.parse(report_xml).getroot()

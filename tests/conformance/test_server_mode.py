@@ -74,7 +74,9 @@ def test_server_without_control_protocol() -> None:
     server.start()
     try:
         results = run_server_kit(
-            url_of(server.port), only=["server-hello", "send-event-dedup", "recovery-stamps"], timeout=1.0
+            url_of(server.port),
+            only=["server-hello", "send-event-dedup", "recovery-stamps"],
+            timeout=1.0,
         )
     finally:
         server.stop()
@@ -90,7 +92,7 @@ BROKEN = [
     ("sorted-pong", "ping-pong-literal", "not the literal form"),
     ("pong-no-timestamps", "ping-pong-literal", "not the literal form"),
     ("auth-close-1008", "auth-required", "Close status 1008, expected 4401"),
-    ("no-category", "broadcast-category", "expected '{\"c\":\"U\""),
+    ("no-category", "broadcast-category", 'expected \'{"c":"U"'),
 ]
 
 

@@ -8,8 +8,8 @@ client thread, one greenlet per connection here), each a length-prefixed pickle:
 
 - ``("create", kwargs, port, start, transport_options)`` -> server id: a
   ``WSEServer("127.0.0.1", port, transport="gevent", **kwargs)`` in drain mode;
-- ``("call", id, method, args, kwargs)`` -> what the method returned (``port`` and
-  ``conn_info`` are handled here);
+- ``("call", id, method, args, kwargs)`` -> what the method returned (``port``,
+  ``conn_info``, ``process_is_patched`` and ``greenlet_count`` are answered here);
 - ``("discard", id)``: stop and forget.
 
 Answers are ``("ok", value)`` or ``("err", exception)``. The process exits when its stdin
@@ -20,6 +20,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import gc  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -32,6 +33,7 @@ from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.os  # noqa: E402
+import greenlet  # noqa: E402
 
 from wse_server import WSEServer  # noqa: E402
 from wse_transports.gevent import process_is_patched  # noqa: E402
@@ -76,6 +78,8 @@ def handle(request: tuple[Any, ...]) -> Any:
             return conn_info(server, *args)
         if name == "process_is_patched":
             return process_is_patched()
+        if name == "greenlet_count":
+            return sum(isinstance(o, greenlet.greenlet) for o in gc.get_objects())
         return getattr(server, name)(*args, **kwargs)
     if op == "discard":
         server = _servers.pop(request[1], None)

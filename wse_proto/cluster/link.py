@@ -89,6 +89,7 @@ __all__ = [
     "PresenceFullReceived",
     "PresenceReceived",
     "ResyncDue",
+    "dead_letters_from",
     "resync_topics",
 ]
 
@@ -191,6 +192,9 @@ class CloseReason(enum.Enum):
 
 # --------------------------------------------------------------------------- events
 
+_ERR_CHANNEL: Final = "peer channel closed"
+_ERR_PRESENCE: Final = "presence update failed"
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
@@ -272,8 +276,8 @@ class FrameRejected(LinkEvent):
 
 @dataclass(frozen=True, slots=True)
 class LinkClosed(LinkEvent):
-    """Terminal event. ``dead_letters`` are queued publications and presence updates
-    that were never handed to the transport."""
+    """Terminal event. ``dead_letters``: publications and presence updates queued but
+    never handed to the transport (discarded with the link)."""
 
     reason: CloseReason
     error: WSEError | None = field(default=None, compare=False)
@@ -354,15 +358,31 @@ def resync_topics(topics: Iterable[str]) -> list[str]:
     return [t for t in topics if t and "\n" not in t]
 
 
+def dead_letters_from(data: bytes, peer_addr: str) -> list[DeadLetter]:
+    """The publications and presence updates among frames we queued for a peer that
+    never reached it (CLUSTER §8.7 dead-letter queue). ``data`` starts at a frame
+    boundary; a torn last frame is ignored."""
+    reader = FrameReader()
+    reader.receive_data(data)
+    out: list[DeadLetter] = []
+    try:
+        while batch := reader.frames():
+            for frame in batch:
+                if type(frame) is Msg:
+                    out.append(DeadLetter(frame.topic, frame.payload, peer_addr, _ERR_CHANNEL))
+                elif type(frame) is PresenceUpdate:
+                    out.append(DeadLetter(frame.topic, frame.data, peer_addr, _ERR_PRESENCE))
+    except ClusterFrameError:
+        pass
+    return out
+
+
 # --------------------------------------------------------------------------- the link
 
 _PING_BYTES: Final = encode(Ping())
 _PONG_BYTES: Final = encode(Pong())
 _SHUTDOWN_BYTES: Final = encode(Shutdown())
 _DRAIN_BYTES: Final = encode(Drain())
-
-_ERR_CHANNEL: Final = "peer channel closed"
-_ERR_PRESENCE: Final = "presence update failed"
 
 
 class PeerLink:
@@ -372,7 +392,6 @@ class PeerLink:
         "_events",
         "_hello_deadline",
         "_last_rx",
-        "_letters",
         "_next_ping",
         "_next_resync",
         "_out",
@@ -428,7 +447,6 @@ class PeerLink:
         self._reader = FrameReader(context=zstd)
         self._events: list[LinkEvent] = []
         self._out: list[bytes] = []
-        self._letters: list[tuple[str, bytes, str]] = []
         self._pending: list[Frame] = []
         self._pending_pos = 0
         self._hello_deadline: float | None = now + self.config.hello_timeout
@@ -493,8 +511,6 @@ class PeerLink:
             return b""
         self._out = []
         self.pending_frames = 0
-        if self._letters:
-            self._letters = []
         data = out[0] if len(out) == 1 else b"".join(out)
         self.bytes_sent += len(data)
         return data
@@ -503,15 +519,27 @@ class PeerLink:
         self._out.append(data)
         self.pending_frames += 1
 
-    def _close(self, inp: LinkInput, reason: CloseReason, error: WSEError | None = None) -> None:
+    def _close(
+        self,
+        inp: LinkInput,
+        reason: CloseReason,
+        error: WSEError | None = None,
+        *,
+        flush: bool = False,
+    ) -> None:
+        """Enter CLOSED. Output not yet handed to the transport is discarded (its
+        publications become dead letters) unless ``flush`` (a graceful SHUTDOWN)."""
         if self.state is LinkState.CLOSED:
             return
         self._transition(inp)
         self._hello_deadline = self._next_ping = self._next_resync = None
         self._pending = []
         self._pending_pos = 0
-        letters = tuple(DeadLetter(t, p, self.address, e) for t, p, e in self._letters)
-        self._letters = []
+        letters: tuple[DeadLetter, ...] = ()
+        if self._out and not flush:
+            letters = tuple(dead_letters_from(b"".join(self._out), self.address))
+            self._out = []
+            self.pending_frames = 0
         self._events.append(LinkClosed(reason, error, letters))
 
     def _reject(self, error: WSEError, reason: CloseReason) -> None:
@@ -720,11 +748,11 @@ class PeerLink:
         self._out.append(data)
         self.pending_frames += 1
 
-    def send_msg(self, frame: bytes, topic: str, payload: bytes) -> bool:
+    def send_msg(self, frame: bytes) -> bool:
         """Queue a pre-built MSG frame (the mesh builds one per variant, CLUSTER §7).
 
-        ``topic``/``payload`` go to the dead-letter queue if the link closes before
-        the frame was handed to the transport. False: dropped (queue full or closed).
+        It becomes a dead letter if the link closes before the frame was handed to
+        the transport. False: dropped (queue full, or the link is closed).
         """
         if self.state is not LinkState.OPEN:
             self._check_open()
@@ -734,10 +762,9 @@ class PeerLink:
             return False
         self._out.append(frame)
         self.pending_frames += 1
-        self._letters.append((topic, payload, _ERR_CHANNEL))
         return True
 
-    def send_presence(self, frame: bytes, topic: str, data: bytes) -> bool:
+    def send_presence(self, frame: bytes) -> bool:
         """Queue a pre-built PRESENCE_UPDATE if bit2 was negotiated (CLUSTER §8.6)."""
         if not self._check_open() or not self.capabilities & CAP_PRESENCE:
             return False
@@ -746,7 +773,6 @@ class PeerLink:
             return False
         self._out.append(frame)
         self.pending_frames += 1
-        self._letters.append((topic, data, _ERR_PRESENCE))
         return True
 
     def send_sub(self, topic: str) -> bool:
@@ -788,7 +814,7 @@ class PeerLink:
         """Send SHUTDOWN and close (the node is stopping, CLUSTER §3.6)."""
         if self.state is LinkState.OPEN:
             self._send_control(_SHUTDOWN_BYTES)
-        self._close(_I.CLOSE, CloseReason.SHUTDOWN)
+        self._close(_I.CLOSE, CloseReason.SHUTDOWN, flush=True)
 
     def close(self, reason: CloseReason = CloseReason.CLOSED) -> None:
         """Close without a word (tiebreak loser, superseded link, owner's choice)."""

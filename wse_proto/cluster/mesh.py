@@ -94,6 +94,7 @@ from .link import (
     PresenceFullReceived,
     PresenceReceived,
     ResyncDue,
+    dead_letters_from,
 )
 
 __all__ = [
@@ -481,6 +482,8 @@ class ClusterNode:
         self._next_id = 0
         self._unknown_closed = 0
         self._stopped = False
+        self._dial_at: float | None = None
+        self._dial_stale = True  # addresses or links changed: recompute _dial_at
         self.draining = False
         for peer in peers:
             self._learn(peer, now, static=True)
@@ -496,7 +499,9 @@ class ClusterNode:
     def _flush(self, now: float) -> None:
         """End of every public call: start due dials, hand link output over."""
         if not self._stopped:
-            self._dial_due(now)
+            at = self._dial_deadline()
+            if at is not None and now >= at:
+                self._dial_due(now)
         dirty = self._dirty
         if not dirty:
             return
@@ -606,6 +611,7 @@ class ClusterNode:
         if entry is None:
             self._intents.append(CloseLink(link_id))  # timed out or cancelled meanwhile
             return
+        self._dial_stale = True
         a = entry[0]
         link = PeerLink(
             LinkRole.DIALER,
@@ -643,10 +649,18 @@ class ClusterNode:
             self._drive(lk, now)
         self._flush(now)
 
-    def connection_lost(self, link_id: int, now: float) -> None:
-        """The transport lost the socket (reset, write error) or gave up a Dial."""
+    def connection_lost(self, link_id: int, now: float, *, unsent: bytes = b"") -> None:
+        """The transport lost the socket (reset, write error) or gave up a Dial.
+
+        ``unsent``: bytes of earlier :class:`Send` intents it could not write, from a
+        frame boundary on; their publications go to the dead-letter queue (§8.7).
+        """
         lk = self._links.get(link_id)
         if lk is not None:
+            if unsent:
+                letters = dead_letters_from(unsent, lk.link.address)
+                self._dlq.extend(letters)
+                self.metrics.dead_letters += len(letters)
             lk.link.abort(now)
             self._drive(lk, now)
         else:
@@ -668,11 +682,9 @@ class ClusterNode:
             if best is None or dl < best:
                 best = dl
         if not self._stopped:
-            for a in self._addrs.values():
-                if self._wants_dial(a):
-                    t = self._dial_time(a)
-                    if t is not None and (best is None or t < best):
-                        best = t
+            t = self._dial_deadline()
+            if t is not None and (best is None or t < best):
+                best = t
         return best
 
     def handle_timer(self, now: float) -> None:
@@ -707,6 +719,7 @@ class ClusterNode:
         a = _Addr(address, static, self.config, self._rand)
         a.not_before = now
         self._addrs[address] = a
+        self._dial_stale = True
         return a, True
 
     def _wants_dial(self, a: _Addr) -> bool:
@@ -721,7 +734,21 @@ class ClusterNode:
             return None
         return a.not_before if a.not_before > ready else ready
 
+    def _dial_deadline(self) -> float | None:
+        """When the next dial is due (cached: publications must not scan the book)."""
+        if self._dial_stale:
+            self._dial_stale = False
+            best: float | None = None
+            for a in self._addrs.values():
+                if self._wants_dial(a):
+                    t = self._dial_time(a)
+                    if t is not None and (best is None or t < best):
+                        best = t
+            self._dial_at = best
+        return self._dial_at
+
     def _dial_due(self, now: float) -> None:
+        self._dial_stale = True
         for a in list(self._addrs.values()):
             if not self._wants_dial(a):
                 continue
@@ -737,6 +764,7 @@ class ClusterNode:
             self._intents.append(Dial(lid, a.address))
 
     def _dial_failed(self, a: _Addr, now: float) -> None:
+        self._dial_stale = True
         a.dial_link = None
         a.breaker.record_failure(now)
         a.failures += 1
@@ -747,6 +775,7 @@ class ClusterNode:
 
     def _dial_reached(self, a: _Addr) -> None:
         """The address answered with a HELLO: reachable, whatever we then decided."""
+        self._dial_stale = True
         a.dial_link = None
         a.breaker.record_success()
         a.backoff.reset()
@@ -755,6 +784,7 @@ class ClusterNode:
     def _instance_lost(self, instance: str, now: float) -> None:
         """The instance has no link any more: its addresses are dialed again after the
         first backoff step (CLUSTER §8.7: a dialer reconnects with backoff)."""
+        self._dial_stale = True
         for a in self._addrs.values():
             if a.instance == instance and a.dial_link is None:
                 a.not_before = max(a.not_before, now + a.backoff.next_delay())
@@ -820,6 +850,7 @@ class ClusterNode:
         a = lk.addr
         if a is not None:
             a.instance = peer
+            self._dial_stale = True
         if peer == self.instance_id or self._stopped:
             if a is not None and peer == self.instance_id:
                 a.self_alias = True  # an address of our own: never dial it again
@@ -851,6 +882,7 @@ class ClusterNode:
         self._origins.add(origin)
         lk.origin = origin
         self._peers[peer] = lk
+        self._dial_stale = True
         if lk.addr is not None:
             self._dial_reached(lk.addr)
             lk.counted = True
@@ -981,7 +1013,7 @@ class ClusterNode:
                     zstd=bool(index & 1),
                     context=self._zstd,
                 )
-            if link.send_msg(frame, topic, payload):
+            if link.send_msg(frame):
                 sent += 1
                 dirty[link.link_id] = lk
             else:
@@ -1032,6 +1064,7 @@ class ClusterNode:
             return
         if ev.own:
             a.instance = lk.link.peer_instance  # the peer's own address (setup burst)
+            self._dial_stale = True
         if not (new or ev.own):
             return
         frame = PeerAnnounce(address)
@@ -1055,7 +1088,7 @@ class ClusterNode:
                 PresenceUpdate(pev.topic, pev.action, pev.updated_at, pev.user_id, pev.data_json)
             )
             for lk in self._peers.values():
-                if lk.link.send_presence(frame, pev.topic, pev.data_json):
+                if lk.link.send_presence(frame):
                     queued += 1
                     self._dirty[lk.link.link_id] = lk
         self._flush(now)
@@ -1125,6 +1158,7 @@ class ClusterNode:
         self._dials.clear()
         for a in self._addrs.values():
             a.dial_link = None
+        self._dial_stale = True
         self._flush(now)
 
     @property

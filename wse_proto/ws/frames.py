@@ -88,9 +88,20 @@ _REPUNIT_WORDS: Final = 128
 _REPUNIT: Final = [(1 << (32 * k)) // 0xFFFFFFFF for k in range(_REPUNIT_WORDS + 1)]
 _U32LE = struct.Struct("<I")
 
-# Zero runs that cover a frame header (minus the previous key's overshoot) in the
-# mask stream of the fast path; headers there are 6 or 8 bytes.
-_ZEROS: Final = tuple(bytes(k) for k in range(9))
+# Tables of the fast path (masked client frames, 7- and 16-bit lengths), indexed by
+# the second header byte or by a 7-bit payload length:
+# - _MASKED_LEN: payload length for a masked frame (126/127: extended forms follow);
+#   255 for an unmasked one, which the general walk refuses.
+# - _WORDS: 4-byte words that cover a payload; _OVERSHOOT: how far the repeated key
+#   passes the payload's end (into the next header, whose bytes nobody reads).
+# - _GAP6 / _GAP8: zero bytes covering a 6- / 8-byte header minus that overshoot.
+_MASKED_LEN: Final = tuple(b - 0x80 if b & 0x80 else 255 for b in range(256))
+_WORDS: Final = tuple((n + 3) >> 2 for n in range(126))
+_OVERSHOOT: Final = tuple(-n & 3 for n in range(126))
+_GAP6: Final = tuple(bytes(6 - k) for k in range(4))
+_GAP8: Final = tuple(bytes(8 - k) for k in range(4))
+_FAST_MIN_CAP: Final = 125
+"""Below this max_message_size the fast path is off (small frames need the cap check)."""
 _FAST_MAX_LENGTH: Final = 65535
 """Largest payload on the fast path: 7- and 16-bit length forms only."""
 
@@ -206,7 +217,11 @@ class FrameDecoder:
         self._mask_bit = 0 if client_side else 0x80
         self._max = max_message_size
         # Payload lengths the fast path may take without the general checks (0: never).
-        self._fast_max = 0 if client_side else min(max_message_size, _FAST_MAX_LENGTH)
+        self._fast_max = (
+            0
+            if client_side or max_message_size < _FAST_MIN_CAP
+            else min(max_message_size, _FAST_MAX_LENGTH)
+        )
         self._validate = validate_utf8
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -388,41 +403,50 @@ class FrameDecoder:
     def _masked_run(self, buf: bytes, pos: int, out: list[tuple[int, bytes]]) -> int:
         """Decode the run of fast-path frames at ``pos`` into ``out``; return the new offset.
 
-        A frame qualifies when it is complete, FIN, TEXT or BINARY, masked, no longer than
-        ``_fast_max`` and minimally encoded with a 7- or 16-bit length: every rule the
-        general walk checks holds for it, so it cannot raise a framing error. The first
-        frame that does not qualify ends the run and is left to the general walk.
+        A frame qualifies when it is complete, FIN, masked, of the run's opcode (TEXT or
+        BINARY, set by the first frame), no longer than ``_fast_max`` and minimally
+        encoded with a 7- or 16-bit length: every rule the general walk checks holds for
+        it, so it cannot raise a framing error. The first frame that does not qualify
+        ends the run and is left to the caller's loop.
         """
         n = len(buf)
+        if n - pos < 6:
+            return pos
+        b0 = buf[pos]
+        if b0 != 0x81 and b0 != 0x82:  # FIN, no RSV bits, TEXT or BINARY
+            return pos
         start = pos
         limit = self._fast_max
-        parts: list[bytes] = []
-        spans: list[int] = []  # opcode, payload start, payload end (offsets into buf)
+        masked_len = _MASKED_LEN
+        words = _WORDS
+        overshoot = _OVERSHOOT
+        gap6 = _GAP6
+        parts: list[bytes] = []  # the mask stream, aligned with buf[start:pos]
+        spans: list[int] = []  # payload start, payload end (offsets into buf)
         add_part = parts.append
         add_span = spans.append
         carry = 0  # bytes the previous repeated key overshot into this header
-        while n - pos >= 6:
-            b0 = buf[pos]
-            length = buf[pos + 1] - 0x80  # negative: unmasked
+        while n - pos >= 6 and buf[pos] == b0:
+            length = masked_len[buf[pos + 1]]
             if length < 126:
-                if length < 0 or (b0 != 0x81 and b0 != 0x82):  # FIN TEXT/BINARY, no RSV
-                    break
                 body = pos + 6
-            elif length == 126 and n - pos >= 8 and (b0 == 0x81 or b0 == 0x82):
-                length = (buf[pos + 2] << 8) | buf[pos + 3]
-                if length < 126:
+                end = body + length
+                if end > n:
                     break
+                add_part(gap6[carry])
+                add_part(buf[pos + 2 : body] * words[length])
+                carry = overshoot[length]
+            elif length == 126 and n - pos >= 8:
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
                 body = pos + 8
+                end = body + length
+                if length < 126 or length > limit or end > n:
+                    break
+                add_part(_GAP8[carry])
+                add_part(buf[pos + 4 : body] * ((length + 3) >> 2))
+                carry = -length & 3
             else:
                 break
-            end = body + length
-            if end > n or length > limit:
-                break
-            words = (length + 3) >> 2
-            add_part(_ZEROS[body - pos - carry])
-            add_part(buf[body - 4 : body] * words)
-            carry = (words << 2) - length
-            add_span(b0 - 0x80)
             add_span(body)
             add_span(end)
             pos = end
@@ -434,16 +458,17 @@ class FrameDecoder:
             int.from_bytes(buf[start:pos] if start else buf[:pos], "little")
             ^ int.from_bytes(b"".join(parts), "little")
         ).to_bytes(pos - start + carry, "little")
+        op = b0 & 0x0F
         it = iter(spans)
-        if not self._validate:
+        if not self._validate or op != TEXT:
             if start:  # offsets into plain are relative to the run
-                out += [(op, plain[a - start : b - start]) for op, a, b in zip(it, it, it)]
+                out += [(op, plain[a - start : b - start]) for a, b in zip(it, it)]
             else:
-                out += [(op, plain[a:b]) for op, a, b in zip(it, it, it)]
+                out += [(op, plain[a:b]) for a, b in zip(it, it)]
             return pos
-        for op, a, b in zip(it, it, it):
+        for a, b in zip(it, it):
             payload = plain[a - start : b - start]
-            if op == TEXT and not payload.isascii():
+            if not payload.isascii():
                 decode_text(payload)  # RFC 6455 §8.1: raises the 1007 error
             out.append((op, payload))
         return pos

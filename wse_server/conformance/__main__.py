@@ -157,9 +157,10 @@ def _finish(args: argparse.Namespace, results: list[Result], mode: str, target: 
 
 def _printer(scenarios: Sequence[Scenario], verbose: bool) -> Any:
     width = max((len(s.id) for s in scenarios), default=10)
+    sections = max((len(s.section) for s in scenarios), default=10)
 
     def show(result: Result) -> None:
-        report.write_row(result, sys.stdout, width=width, verbose=verbose)
+        report.write_row(result, sys.stdout, width=width, section_width=sections, verbose=verbose)
         sys.stdout.flush()
 
     return show

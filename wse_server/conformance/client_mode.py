@@ -469,13 +469,14 @@ async def pong_reply(ctx: ClientModeContext) -> None:
     server_time = envelope.format_ts(wall)
     session.send_text(envelope.server_ping(wall).decode())
     frame, msg = await session.expect_message(
-        "PONG", "PONG answering the server ping", ctx.timeout, since=mark
+        ("PONG", "pong"), "PONG answering the server ping", ctx.timeout, since=mark
     )
     ctx.must(
         frame.opcode == TEXT or frame.encrypted,
         "the PONG is a text frame (or E: after key exchange)",
     )
-    p = msg.get("p") if isinstance(msg.get("p"), dict) else {}
+    raw_p = msg.get("p")
+    p: dict[str, Any] = raw_p if isinstance(raw_p, dict) else {}
     ctx.should(msg.get("c") == "WSE", f"PONG c is 'WSE' ({msg.get('c')!r})")
     ctx.should(
         p.get("server_timestamp") == server_time,

@@ -25,7 +25,6 @@ from wse_proto._defaults import monotonic, system_rand, wall_clock_ms
 from wse_proto.config import ServerConfig
 from wse_proto.errors import WSEError
 from wse_proto.events import (
-    ConnectionClosed,
     DecryptFailed,
     Event,
     HelloReceived,
@@ -365,19 +364,21 @@ class RefSession:
 
     async def expect_message(
         self,
-        t: str,
+        t: str | tuple[str, ...],
         what: str,
         timeout: float,
         pred: Callable[[dict[str, Any]], bool] | None = None,
         since: int | None = None,
     ) -> tuple[ClientFrame, dict[str, Any]]:
-        """The first client message of type ``t`` after the cursor (or ``since``)."""
+        """The first client message of type ``t`` (or one of several) after the cursor
+        (or ``since``)."""
         start = self.cursor if since is None else since
+        types = (t,) if isinstance(t, str) else t
 
         def find() -> tuple[int, ClientFrame, dict[str, Any]] | None:
             for i in range(start, len(self.frames)):
                 msg = self.frames[i].message
-                if msg is not None and msg.get("t") == t and (pred is None or pred(msg)):
+                if msg is not None and msg.get("t") in types and (pred is None or pred(msg)):
                     return i, self.frames[i], msg
             return None
 
@@ -398,12 +399,6 @@ class RefSession:
                 code = int.from_bytes(frame.payload[:2], "big") if len(frame.payload) >= 2 else None
                 return code, True
         return None, False
-
-    def closed_event(self) -> ConnectionClosed | None:
-        for ev in self.events:
-            if isinstance(ev, ConnectionClosed):
-                return ev
-        return None
 
 
 class RefServer:

@@ -38,14 +38,17 @@ def summary(results: Sequence[Result]) -> dict[str, int]:
     return {o.value: counts.get(o.value, 0) for o in Outcome}
 
 
-def write_row(r: Result, out: TextIO, *, width: int = 32, verbose: bool = False) -> None:
+def write_row(
+    r: Result, out: TextIO, *, width: int = 32, section_width: int = 18, verbose: bool = False
+) -> None:
     """One scenario: outcome, id, section, time, first detail; then the other details
     (for anything that did not plainly pass, or always with ``verbose``)."""
     first = r.details[0] if r.details else ""
     if len(first) > 110 and not verbose:
         first = first[:107] + "..."
+    sc = r.scenario
     out.write(
-        f"{_MARK[r.outcome]:<12}{r.scenario.id:<{width + 2}}{r.scenario.section:<20}"
+        f"{_MARK[r.outcome]:<12}{sc.id:<{width + 2}}{sc.section:<{section_width + 2}}"
         f"{r.duration:6.2f}s  {first}\n"
     )
     more = r.details[1:] if (verbose or r.outcome is not Outcome.PASS) else []
@@ -61,16 +64,18 @@ def write_summary(results: Sequence[Result], out: TextIO) -> None:
 
 def write_table(results: Sequence[Result], out: TextIO, *, verbose: bool = False) -> None:
     width = max((len(r.scenario.id) for r in results), default=10)
+    sections = max((len(r.scenario.section) for r in results), default=10)
     for r in results:
-        write_row(r, out, width=width, verbose=verbose)
+        write_row(r, out, width=width, section_width=sections, verbose=verbose)
     write_summary(results, out)
 
 
 def write_list(scenarios: Sequence[Scenario], out: TextIO) -> None:
     width = max((len(s.id) for s in scenarios), default=10)
+    sections = max((len(s.section) for s in scenarios), default=10)
     for sc in scenarios:
         needs = f" [needs {', '.join(sorted(sc.needs))}]" if sc.needs else ""
-        out.write(f"{sc.id:<{width + 2}}{sc.section:<18}{sc.description}{needs}\n")
+        out.write(f"{sc.id:<{width + 2}}{sc.section:<{sections + 2}}{sc.description}{needs}\n")
 
 
 def to_json(results: Sequence[Result], *, mode: str, target: str) -> dict[str, Any]:
@@ -125,7 +130,8 @@ def to_junit(results: Sequence[Result], *, mode: str, target: str) -> bytes:
             ET.SubElement(case, "skipped", message=f"{r.outcome.value}: {first}")
         elif text:
             ET.SubElement(case, "system-out").text = f"{r.outcome.value}\n{text}"
-    return ET.tostring(suite, encoding="utf-8", xml_declaration=True)
+    data: bytes = ET.tostring(suite, encoding="utf-8", xml_declaration=True)
+    return data
 
 
 def write_junit(results: Sequence[Result], path: str, *, mode: str, target: str) -> None:

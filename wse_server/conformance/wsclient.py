@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,7 +24,7 @@ from wse_proto.errors import WSEError
 from wse_proto.events import ConnectionClosed, Event, Hello, Ready, Received
 from wse_proto.ws import BINARY, CLOSE, TEXT, FrameDecoder, encode_frame, parse_close
 
-from .core import Fail
+from .core import Fail, Unsupported
 
 __all__ = ["CONTROL_RESULT", "CONTROL_TYPE", "KitConnection", "ServerFrame"]
 
@@ -167,7 +167,6 @@ class KitConnection:
         self.eof_at: float | None = None
         self.violation: str | None = None
         """A framing violation by the server (masked frame, bad UTF-8 text, ...)."""
-        self.expect_violation = False
         self.cursor = 0
         self._head = b""
         self._head_done = False
@@ -468,8 +467,6 @@ class KitConnection:
 
         Raises Unsupported when the server answers ``error: "unsupported"``.
         """
-        from .core import Unsupported
-
         self._rid += 1
         rid = f"{self.label}-{self._rid}"
         mark = len(self.frames)
@@ -490,19 +487,8 @@ class KitConnection:
             raise Fail(f"control {action!r} failed: {p.get('error')}: {p.get('message')}")
         return p
 
-    def control_reply_index(self, rid_prefix: str | None = None) -> int:
-        """Index of the newest control reply frame (broadcasts before it were sent first)."""
-        for i in range(len(self.frames) - 1, -1, -1):
-            if _is_control_reply(self.frames[i]):
-                return i
-        return len(self.frames)
-
 
 def _is_control_reply(frame: ServerFrame) -> bool:
     if frame.opcode != TEXT or b'"conformance_control_result"' not in frame.payload:
         return False
     return any(m.get("t") == CONTROL_RESULT for m in frame.messages)
-
-
-def first_texts(frames: Sequence[ServerFrame]) -> list[str]:
-    return [f.text or "" for f in frames if f.opcode == TEXT]
