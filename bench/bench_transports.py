@@ -221,8 +221,9 @@ def run(quick: bool, out: Callable[[str], None] = print) -> dict[str, dict[str, 
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     out("")
     mode = "quick" if quick else "full"
-    out(f"transport benchmark ({mode}, {time.monotonic() - t_start:.0f} s; fan-out payload "
-        "100 B; ratios to the asyncio transport, target met on the 1,000-subscriber figure)")  # fmt: skip
+    took = time.monotonic() - t_start
+    out(f"transport benchmark ({mode}, {took:.0f} s; fan-out payload 100 B; ratios to the "
+        "asyncio transport; targets apply to the 1,000-subscriber figure)")  # fmt: skip
     for i, r in enumerate(table):
         out(" | ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]))
         if i == 0:
@@ -241,7 +242,7 @@ def run(quick: bool, out: Callable[[str], None] = print) -> dict[str, dict[str, 
         if "cpu1000" in rows[kind]
     ]
     if cpu:
-        out("CPU cores busy during the kept 1,000-subscriber run, server+loadgen: " + ", ".join(cpu))
+        out("CPU cores busy in the kept 1,000-subscriber run, server+loadgen: " + ", ".join(cpu))
     for note in notes:
         out("note: " + note)
     return rows

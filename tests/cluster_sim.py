@@ -37,6 +37,7 @@ with ``python tests/cluster_sim.py SEED``.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 import sys
@@ -271,11 +272,30 @@ class SimNode:
 
 
 class Simulation:
-    def __init__(self, seed: int, *, steps: list[Step] | None = None, chaos_time: float = 150.0):
+    """One run. ``steps`` and the keyword arguments override what the seed generates
+    (the network's randomness always comes from the seed)."""
+
+    def __init__(
+        self,
+        seed: int,
+        steps: list[Step] | None = None,
+        *,
+        n_nodes: int | None = None,
+        max_delay: float | None = None,
+        dial_drop: float | None = None,
+        chaos_time: float = 150.0,
+    ) -> None:
         self.seed = seed
         self.scenario = make_scenario(seed, chaos_time=chaos_time)
         if steps is not None:
-            self.scenario.steps = list(steps)
+            self.scenario.steps = sorted(steps, key=lambda s: s[0])
+        if n_nodes is not None:
+            self.scenario.n_nodes = n_nodes
+        if max_delay is not None:
+            self.scenario.max_delay = max_delay
+        if dial_drop is not None:
+            self.scenario.dial_drop = dial_drop
+        self._digest = hashlib.sha256()
         self.net_rng = random.Random(seed ^ 0x5EED5EED)
         self.max_delay = self.scenario.max_delay
         self.dial_drop = self.scenario.dial_drop
@@ -317,16 +337,26 @@ class Simulation:
         return self.net_rng.uniform(0.0005, self.max_delay)
 
     def log(self, text: str) -> None:
-        self.trace.append(f"{self.now:9.3f} {text}")
+        line = f"{self.now:9.3f} {text}"
+        self._digest.update(line.encode())
+        self.trace.append(line)
         if len(self.trace) > 4000:
             del self.trace[:1000]
 
+    def digest(self) -> str:
+        """A fingerprint of everything that happened (for determinism checks)."""
+        return self._digest.hexdigest()
+
     def fail(self, text: str) -> None:
-        steps = ",\n    ".join(repr(s) for s in self.scenario.steps)
+        sc = self.scenario
+        steps = ",\n    ".join(repr(s) for s in sc.steps)
         tail = "\n".join(self.trace[-60:])
         raise SimFailure(
             f"cluster simulation seed={self.seed} failed at t={self.now:.3f}: {text}\n"
-            f"replay: Simulation({self.seed}, steps=STEPS).run()\nSTEPS = [\n    {steps}\n]\n"
+            f"replay: Simulation({self.seed}, STEPS, n_nodes={sc.n_nodes}, "
+            f"max_delay={sc.max_delay!r}, dial_drop={sc.dial_drop!r}, "
+            f"chaos_time={sc.chaos_end!r}).run()\n"
+            f"STEPS = [\n    {steps}\n]\n"
             f"last trace lines:\n{tail}"
         )
 
@@ -875,7 +905,11 @@ def run_seed(seed: int) -> Simulation:
     return Simulation(seed).run()
 
 
-if __name__ == "__main__":  # python tests/cluster_sim.py SEED [SEED...]
-    for arg in sys.argv[1:] or ["0"]:
+if __name__ == "__main__":  # python tests/cluster_sim.py SEED [SEED...] [--digest]
+    args = [a for a in sys.argv[1:] if a != "--digest"]
+    for arg in args or ["0"]:
         sim = run_seed(int(arg))
-        print(f"seed {arg}: ok, {len(sim.pubs)} publications, {dict(sim.stats)}")
+        if "--digest" in sys.argv:
+            print(sim.digest())
+        else:
+            print(f"seed {arg}: ok, {len(sim.pubs)} publications, {dict(sim.stats)}")

@@ -15,12 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from integration.rawws import CLOSE, TEXT, RawWS, server_frame, upgrade_request
 
 from wse_proto._defaults import monotonic, system_rand, wall_clock_ms
 from wse_proto.hub import CoreConfig, ServerCore
@@ -30,11 +32,23 @@ from wse_transports._blocking import READ, HandshakeGate
 from wse_transports.base import get_transport
 from wse_transports.threading import ThreadingTransport
 
-from integration.rawws import CLOSE, TEXT, RawWS, server_frame, upgrade_request
-
 pytestmark = pytest.mark.loopback
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for_sigterm_handler(pid: int, timeout: float = 10.0) -> None:
+    """The CLI prints its address before installing its SIGTERM handler; a SIGTERM sent in
+    between would kill it with the default action. Wait until the handler is in place."""
+    deadline = time.monotonic() + timeout
+    bit = 1 << (signal.SIGTERM - 1)
+    while True:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            caught = next(int(line.split()[1], 16) for line in fh if line.startswith("SigCgt:"))
+        if caught & bit:
+            return
+        assert time.monotonic() < deadline, "the CLI never installed its SIGTERM handler"
+        time.sleep(0.01)
 
 
 def _open_idle(port: int, n: int) -> list[socket.socket]:
@@ -258,6 +272,7 @@ def test_cli_transport_threading() -> None:
         port = int(line.rsplit(":", 1)[1].split("/")[0])
         ws = RawWS(port)
         assert ws.status_line.startswith("HTTP/1.1 101")
+        wait_for_sigterm_handler(proc.pid)
         proc.send_signal(signal.SIGTERM)
         code, _, _ = ws.recv_close()
         assert code == 1001
@@ -270,3 +285,64 @@ def test_cli_transport_threading() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_accept_pauses_when_out_of_descriptors_and_resumes() -> None:
+    code = textwrap.dedent(
+        """
+        import os, resource, sys, time
+        from wse_server import WSEServer
+        server = WSEServer("127.0.0.1", 0, transport="threading")
+        server.start()
+        in_use = len(os.listdir("/proc/self/fd"))
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 8, hard))  # room for ~8 sockets
+        print(server.port, flush=True)
+        sys.stdin.read()
+        server.stop()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    socks: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        request = upgrade_request(f"127.0.0.1:{port}")
+        for _ in range(16):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(request)
+            socks.append(sock)
+
+        def upgraded(sock: socket.socket, timeout: float) -> bool:
+            sock.settimeout(timeout)
+            try:
+                return sock.recv(4096).startswith(b"HTTP/1.1 101")
+            except TimeoutError:
+                return False
+
+        served = [s for s in socks if upgraded(s, 0.3)]
+        waiting = [s for s in socks if s not in served]
+        assert 1 <= len(served) <= 10 and len(waiting) >= 6  # the rest wait in the backlog
+        for sock in served:
+            sock.close()  # frees descriptors in the server
+        assert all(upgraded(s, 5.0) for s in waiting[:6])  # accepting resumed
+        assert proc.poll() is None
+    finally:
+        for sock in socks:
+            sock.close()
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    assert proc.stderr is not None
+    assert "accept failed" in proc.stderr.read()

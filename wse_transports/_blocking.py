@@ -31,6 +31,7 @@ Nothing here decides anything about the protocol: bytes go to the core, bytes co
 
 from __future__ import annotations
 
+import _socket  # see _Sock
 import contextlib
 import errno
 import heapq
@@ -44,9 +45,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-# The C socket type: no Python wrapper layer on the hot path, and gevent's
-# monkey-patching never replaces it, so the pump behaves the same in a patched process.
-import _socket
 from wse_proto._defaults import monotonic
 from wse_proto.server import ConnectionState, ServerConnection
 
@@ -85,8 +83,11 @@ SEND_BUFFER_BYTES: Final = 256 * 1024
 CLOSE_FLUSH_TIMEOUT: Final = 5.0
 """A closing socket whose peer never reads is dropped after this many seconds."""
 
-RECV_SIZE: Final = 256 * 1024
-"""Bytes per ``recv``: what one read may add to the inbound queue beyond its bound."""
+RECV_SIZE: Final = 32 * 1024
+"""Bytes per read, into one buffer the I/O side reuses for every socket (the machine copies
+what it keeps). As in the asyncio transport: a batch of messages decoded from one read
+still fits in the CPU caches when the application takes it; it also bounds what one read
+may add to the inbound queue beyond its limit."""
 
 ACCEPT_BATCH: Final = 128
 """Accepts per readiness report of a listener, so a connect storm cannot starve reads."""
@@ -214,7 +215,12 @@ class HandshakeGate:
 
 
 class _Sock:
-    """One client socket. Holds no protocol state: the machine is ``conn``."""
+    """One client socket. Holds no protocol state: the machine is ``conn``.
+
+    Sockets are the C type ``_socket.socket``: no Python wrapper layer on the hot path,
+    and gevent's monkey-patching never replaces it, so the pump behaves the same in a
+    patched process.
+    """
 
     __slots__ = ("closing", "conn", "dead", "eof", "events", "fd", "out", "sock", "timer_at")
 
@@ -282,6 +288,8 @@ class BlockingTransport(Transport):
         self._paused = False  # inbound queue full: nobody is polled for reading
         self._resume_pending = False
         self._accept_retry_at = math.inf
+        self._read_buf = bytearray(RECV_SIZE)
+        self._read_view = memoryview(self._read_buf)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -298,7 +306,9 @@ class BlockingTransport(Transport):
         if self._running or self._task is not None:
             raise RuntimeError("transport already running")
         self._listeners = self._bind()
-        self._stop_requested = False
+        self._stop_requested = self._flush_requested = False
+        self._paused = self._resume_pending = False
+        self._accept_retry_at = math.inf
         self._start_error = None
         ready = self._ready = self.runtime.new_event()
         self._task = self.runtime.spawn(self._main, f"wse-{self.name}")
@@ -549,7 +559,7 @@ class BlockingTransport(Transport):
         lsock = listener.sock
         for _ in range(ACCEPT_BATCH):
             try:
-                fd, _addr = lsock._accept()
+                fd, _addr = lsock._accept()  # type: ignore[attr-defined]  # C method, no stub
             except _RETRY:
                 return
             except OSError as exc:
@@ -591,7 +601,7 @@ class BlockingTransport(Transport):
         if self._paused or s.closing or s.eof or s.dead:
             return  # paused earlier in this batch, or closed by an earlier event
         try:
-            data = s.sock.recv(RECV_SIZE)
+            n = s.sock.recv_into(self._read_buf)
         except _RETRY:
             return
         except OSError:
@@ -599,8 +609,8 @@ class BlockingTransport(Transport):
             return
         conn = s.conn
         core = self.core
-        if data:
-            core.feed(conn, data, now)
+        if n:
+            core.feed(conn, self._read_view[:n], now)
             if self._gate and conn.state is not _HANDSHAKE:
                 self._gate.done(s)
         else:

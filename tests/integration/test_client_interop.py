@@ -15,6 +15,7 @@ import wse_client.connection
 from wse_client import AsyncWSEClient, ReconnectConfig, SyncWSEClient
 
 from wse_proto.envelope import inject_category
+
 from .conftest import AnyServer, conn_info, make_token, url_of
 
 pytestmark = [pytest.mark.loopback, pytest.mark.interop]

@@ -294,12 +294,13 @@ class PeerInterest:
     everything until the first RESYNC"); SUB and UNSUB edit the set either way.
     """
 
-    __slots__ = ("_globs", "exact", "known", "limit", "overflow")
+    __slots__ = ("_globs", "_matched", "exact", "known", "limit", "overflow")
 
     def __init__(self, limit: int = 1_000_000) -> None:
         self.known = False
         self.exact: set[str] = set()
         self._globs: dict[str, GlobPattern] = {}
+        self._matched: dict[str, bool] = {}  # glob verdicts per topic, dropped on any change
         self.limit = limit
         self.overflow = 0  # topics refused at the cap
 
@@ -317,7 +318,21 @@ class PeerInterest:
         """Route ``topic`` (``raw`` = its UTF-8 bytes) to this peer?"""
         if not self.known or topic in self.exact:
             return True
-        return any(pattern.match_bytes(raw) for pattern in self._globs.values())
+        globs = self._globs
+        if not globs:
+            return False
+        matched = self._matched
+        hit = matched.get(topic)
+        if hit is None:
+            hit = False
+            for pattern in globs.values():
+                if pattern.match_bytes(raw):
+                    hit = True
+                    break
+            if len(matched) >= _MATCH_CACHE_MAX:
+                matched.clear()
+            matched[topic] = hit
+        return hit
 
     def add(self, topic: str) -> None:
         if topic in self.exact or topic in self._globs:
@@ -327,16 +342,19 @@ class PeerInterest:
             return
         if is_glob(topic):
             self._globs[topic] = compile_glob(topic)
+            self._matched.clear()
         else:
             self.exact.add(topic)
 
     def remove(self, topic: str) -> None:
         self.exact.discard(topic)
-        self._globs.pop(topic, None)
+        if self._globs.pop(topic, None) is not None:
+            self._matched.clear()
 
     def replace(self, topics: Iterable[str]) -> None:
         self.exact = set()
         self._globs = {}
+        self._matched = {}
         self.known = True
         self.extend(topics)
 
@@ -347,6 +365,9 @@ class PeerInterest:
     def clear(self) -> None:
         """DRAIN: known and empty, so nothing is routed until the next RESYNC or SUB."""
         self.replace(())
+
+
+_MATCH_CACHE_MAX: Final = 4096
 
 
 def resync_topics(topics: Iterable[str]) -> list[str]:
@@ -725,11 +746,15 @@ class PeerLink:
                 self._write(encode(chunk))
         self._process(now)
 
-    def refuse(self, reason: CloseReason = CloseReason.REFUSED) -> None:
-        """Drop the link after the peer's HELLO; an acceptor never answers (§8.2)."""
+    def refuse(self, reason: CloseReason = CloseReason.REFUSED, *, answer: bool = False) -> None:
+        """Drop the link after the peer's HELLO. An acceptor does not answer (§8.2),
+        unless ``answer``: then it sends its HELLO first, so that a dialer which reached
+        its own node learns so from the instance id."""
         if self.state is LinkState.CLOSED:
             return
         self._transition(_I.REFUSE)
+        if answer and self.role is LinkRole.ACCEPTOR:
+            self._write(encode(Hello(PROTOCOL_VERSION, self.instance_id, self.config.capabilities)))
         self._hello_deadline = None
         self._pending = []
         self._events.append(LinkClosed(reason))

@@ -851,9 +851,14 @@ class ClusterNode:
         if a is not None:
             a.instance = peer
             self._dial_stale = True
-        if peer == self.instance_id or self._stopped:
-            if a is not None and peer == self.instance_id:
-                a.self_alias = True  # an address of our own: never dial it again
+        if peer == self.instance_id:
+            # We reached ourselves (an alias of our address). The acceptor answers so
+            # that our dialing side learns it and never dials that address again.
+            if a is not None:
+                a.self_alias = True
+            lk.link.refuse(answer=True)
+            return
+        if self._stopped:
             lk.link.refuse()
             return
         current = self._peers.get(peer)
