@@ -142,10 +142,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             jwt_algorithm=args.jwt_algorithm,
             jwt_cookie_name=args.jwt_cookie_name,
         )
+    # Handlers go in before the address is printed: a supervisor may signal as soon as it
+    # sees the address, and that must still be a clean shutdown.
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server = WSEServer(args.host, args.port, **kwargs)
         server.start()
     except (ValueError, OSError) as exc:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -171,13 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo.start()
         log.info("demo: topic 'demo' ticks every second, client messages are echoed")
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stop.wait(0.5):
             if not server.is_running():
