@@ -470,9 +470,6 @@ class ServerCore:
                 need -= left
             self._inbound_head = head
             self._inbound_len = total - max_count
-        import orjson
-        loads = orjson.loads
-        items = [("msg", c, loads(v)) if k == "msg?" else (k, c, v) for k, c, v in items]
         if self._inbound_paused and self._inbound_len <= self._inbound_low:
             self._inbound_paused = False
             if self.on_inbound_resumable is not None:

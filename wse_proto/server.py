@@ -206,8 +206,6 @@ _U64_LIMIT: Final = 1 << 64
 _INTERCEPTED: Final = frozenset({"client_hello", "ping", "pong", "PONG"})
 """Top-level ``t`` values of plain text frames the server answers itself (§3.2)."""
 _OPEN_BRACE: Final = 0x7B
-import os as _os
-HACK = bool(_os.environ.get("WSE_HACK"))
 _MAX_PROTOCOL_VERSION: Final = 2
 _STATUSLESS_CLOSE: Final = encode_close(None)
 
@@ -529,9 +527,6 @@ class ServerConnection(_StateMachine):
                     active = True
                     # Fast path: a JSON object parsed from the bytes. Anything orjson
                     # refuses (bad UTF-8 included) takes the general route below.
-                    if payload and payload[0] == _OPEN_BRACE and HACK:
-                        add(("msg?", cid, payload))
-                        continue
                     if payload and payload[0] == _OPEN_BRACE:
                         try:
                             obj = loads(payload)

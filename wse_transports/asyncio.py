@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -269,6 +270,7 @@ class AsyncioTransport(Transport):
         self._bound_port = sockets[0].getsockname()[1] if sockets else self.port
         with self.lock:
             self.core.set_wakeup(self.wake)
+            self.core.defer_inbound_notice = True  # announced after each flush
         self._running = True
         on_ready(None)
         try:
@@ -329,6 +331,7 @@ class AsyncioTransport(Transport):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         with self.lock:
             self.core.set_wakeup(None)
+            self.core.defer_inbound_notice = False
             for c in list(self._all):
                 self._forget(c)
         self._server = None
@@ -393,20 +396,38 @@ class AsyncioTransport(Transport):
             c.conn = conn
             self._conns[id(conn)] = c
             pending[c] = now
+            self._arm(c)
             if self._reading_paused:
                 transport.pause_reading()
-            self._flush_locked()
-            self._arm(c)
+                return
+        if sock is not None:
+            self._early_read(c, sock)
+
+    def _early_read(self, c: _Conn, sock: Any) -> None:
+        """Read the upgrade request now if it is already here (it usually is: clients
+        send it right after ``connect``), instead of one loop iteration later when the
+        transport's own reader would see it. Any error or EOF is left to the transport,
+        whose next read meets it again; with nothing to read this costs one syscall.
+        """
+        view = self._read_view
+        try:
+            n = os.readv(sock.fileno(), (view,))
+        except OSError:
+            return
+        if n:
+            self._data(c, view[:n])
 
     def _data(self, c: _Conn, data: memoryview) -> None:
         conn = c.conn
         if conn is None or c.lost:
             return
         with self.lock:
-            self.core.feed(conn, data, monotonic())
+            core = self.core
+            core.feed(conn, data, monotonic())
             if self._pending and conn.state is not _HANDSHAKE:
                 self._pending.pop(c, None)
             self._after_input(c)
+            core.announce_inbound()  # after the write: waking the app must not delay it
 
     def _eof(self, c: _Conn) -> None:
         conn = c.conn
@@ -415,6 +436,7 @@ class AsyncioTransport(Transport):
         with self.lock:
             self.core.eof(conn, monotonic())
             self._after_input(c)
+            self.core.announce_inbound()
 
     def _lost(self, c: _Conn) -> None:
         c.lost = True
@@ -426,6 +448,7 @@ class AsyncioTransport(Transport):
             self.core.connection_lost(conn, monotonic())
             self._forget(c)
             self._flush_locked()
+            self.core.announce_inbound()
 
     def _after_input(self, c: _Conn) -> None:
         # Lock held. The core already told the facade about new inbound events.
@@ -526,6 +549,7 @@ class AsyncioTransport(Transport):
                 conn.transport_backlog = transport.get_write_buffer_size()
             self._flush_locked()
             self._settle(c)
+            self.core.announce_inbound()
 
     # ------------------------------------------------------------------ backpressure
 
