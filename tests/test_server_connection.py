@@ -27,7 +27,10 @@ from typing import Any
 
 import jwt as pyjwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from wse_proto import codec
 from wse_proto.auth import JWTConfig
 from wse_proto.config import ServerConfig
 from wse_proto.errors import LocalProtocolError, PayloadTooLarge
@@ -42,7 +45,7 @@ from wse_proto.events import (
     MessageReceived,
     TextReceived,
 )
-from wse_proto.server import ConnectionState, ServerConnection
+from wse_proto.server import ConnectionState, ServerConnection, resolve
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "client-protocol.json"
 RECORDS: list[dict[str, Any]] = json.loads(DATA.read_text(encoding="utf-8"))["records"]
@@ -711,3 +714,130 @@ def test_hello_protocol_version_and_cluster_flag() -> None:
     conn.receive_data(masked(1, b'{"type":"client_hello"}'), 1.0)
     assert conn.data_to_send() == b""
     assert conn.events_received() == [MessageReceived({"t": "client_hello"})]
+
+
+# --------------------------------------------------------------------------- inbound fast path
+# A JSON object text frame is parsed straight from its bytes and queued in compact form
+# (server.resolve parses it again for the hub). Whatever the text, the events must be
+# those of the general route: codec.decode_client_text plus the §3.2 interceptions.
+
+_INTERCEPTED = {"client_hello", "ping", "pong", "PONG"}
+_json_scalars = st.one_of(
+    st.sampled_from(["ping", "pong", "PONG", "client_hello", "bench", "Ping", "", "é€"]),
+    st.integers(-(2**70), 2**70),
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+_json_values = st.recursive(
+    _json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["t", "p", "i", "timestamp"]), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_objects = st.dictionaries(
+    st.sampled_from(["t", "type", "p", "payload", "id", "x"]), _json_values, max_size=5
+)
+_odd_texts = st.sampled_from(
+    [
+        '{"t":"p\\u0069ng","p":{"timestamp":5}}',  # an escaped ping is still a ping
+        '{"\\u0074":"ping"}',
+        '{"t":"x","t":"ping"}',  # duplicate key: the last one counts
+        '{"t":"ping","t":"x"}',
+        '{"type":"ping","payload":{}}',  # renamed, never intercepted
+        ' {"t":"ping"}',
+        '{"t":"ping"} junk',
+        "{",
+        "{]",
+        "{}",
+        "hello",
+        "",
+        'WSE{"t":"ping"}',
+        'S{"t":"a","payload":1}',
+        'U{"type":"b"}',
+        '{"t":"client_hello","p":{"protocol_version":2}}',
+        '{"t":["ping"]}',
+        '{"t":{"a":1},"p":2}',
+        '{"t":null,"payload":3}',
+    ]
+)
+
+
+@st.composite
+def _client_texts(draw: st.DrawFn) -> str:
+    if draw(st.booleans()):
+        return draw(_odd_texts)
+    return json.dumps(draw(_objects), ensure_ascii=draw(st.booleans()))
+
+
+def _expected(texts: list[str]) -> tuple[list[Any], int]:
+    """Events of the general route, and how many PONG replies it writes."""
+    events: list[Any] = []
+    pongs = 0
+    for text in texts:
+        inbound = codec.decode_client_text(text)
+        if inbound.kind == "msg" and inbound.raw_type in _INTERCEPTED:
+            if inbound.raw_type == "client_hello":
+                events.append(HelloReceived)
+            pongs += inbound.raw_type == "ping"
+        elif inbound.kind == "msg":
+            events.append(MessageReceived(inbound.value))
+        else:
+            events.append(TextReceived(inbound.value))
+    return events, pongs
+
+
+def _open_plain() -> ServerConnection:
+    conn, _, _ = make(jwt=None)
+    conn.receive_data(request(bearer=None), 0.0)
+    conn.data_to_send()
+    assert [type(e) for e in conn.events_received()] == [Connected]
+    return conn
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_client_texts(), min_size=1, max_size=25))
+def test_text_fast_path_matches_the_general_route(texts: list[str]) -> None:
+    keys = [bytes([i, 7, 99, 200]) for i in range(len(texts))]
+    frames = b"".join(masked(1, t.encode("utf-8"), k) for t, k in zip(texts, keys))
+    expected, pongs = _expected(texts)
+    conn = _open_plain()
+    conn.receive_data(frames, 1.0)
+    got = [HelloReceived if isinstance(e, HelloReceived) else e for e in conn.events_received()]
+    assert got == expected
+    assert conn.data_to_send().count(b'"t":"PONG"') == pongs
+    # The hub's route: compact items, resolved into the same drain tuples.
+    other = _open_plain()
+    other.receive_data(frames, 1.0)
+    items, _ = other.take_items()
+    messages = [i for i in items if isinstance(i, bytes | tuple)]
+    drained = resolve(other.conn_id, messages)
+    want = [
+        ("msg", other.conn_id, e.value)
+        if isinstance(e, MessageReceived)
+        else ("raw", other.conn_id, e.text)
+        for e in expected
+        if e is not HelloReceived
+    ]
+    assert drained == want
+
+
+def test_invalid_utf8_in_a_json_looking_frame_fails_the_connection() -> None:
+    conn = _open_plain()
+    conn.receive_data(masked(1, b'{"t":"a"}') + masked(1, b'{"t":"\xff"}') + masked(1, b"{}"), 1.0)
+    events = conn.events_received()
+    assert events[0] == MessageReceived({"t": "a"})
+    assert isinstance(events[1], ConnectionClosed) and events[1].code == 1007
+    assert len(events) == 2
+    assert conn.wants_close
+
+
+def test_idle_deadline_moves_once_per_batch_and_not_after_a_failure() -> None:
+    conn = _open_plain()
+    idle = conn.config.idle_timeout
+    conn.receive_data(masked(1, b'{"t":"a"}') * 3, 5.0)
+    assert conn.next_deadline() == min(5.0 + idle, conn.config.ping_interval)
+    conn.receive_data(masked(1, b'{"t":"a"}') + masked(1, b"\xff"), 9.0)
+    assert conn.next_deadline() is None  # closed: no timer but the transport's close

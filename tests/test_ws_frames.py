@@ -521,3 +521,106 @@ def test_arbitrary_bytes_raise_only_decode_errors(data: bytes, client_side: bool
             pass
     except DecodeError as exc:
         assert exc.close_code in (1002, 1007, 1009)
+
+
+# --------------------------------------------------------------------------- server fast path
+# Runs of complete, unfragmented, masked TEXT/BINARY frames are unmasked in one pass
+# (FrameDecoder._masked_run); everything else goes through the general walk. These
+# tests build long runs with every length form and mask overshoot, interleave what
+# must end a run, and check the result against the independent frame builder.
+
+_run_sizes = st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 45, 124, 125, 126, 127, 128, 129, 300, 1001])
+
+
+@st.composite
+def run_strategy(draw: st.DrawFn) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """Many frames, mostly fast-path ones, with controls and fragments breaking runs."""
+    stream = b""
+    expected: list[tuple[int, bytes]] = []
+    for _ in range(draw(st.integers(1, 40))):
+        mask = draw(st.binary(min_size=4, max_size=4))
+        kind = draw(st.sampled_from(["text", "text", "text", "binary", "ping", "fragmented"]))
+        size = draw(_run_sizes)
+        if kind == "ping":
+            payload = draw(st.binary(max_size=125))
+            stream += raw_frame(PING, payload, mask=mask)
+            expected.append((PING, payload))
+            continue
+        if kind == "binary":
+            payload = bytes((size + i) & 0xFF for i in range(size))
+            stream += raw_frame(BINARY, payload, mask=mask)
+            expected.append((BINARY, payload))
+            continue
+        payload = (draw(st.text(max_size=3)) + "x" * size).encode("utf-8")
+        if kind == "fragmented":
+            cut = len(payload) // 2
+            stream += raw_frame(TEXT, payload[:cut], fin=False, mask=mask)
+            stream += raw_frame(CONTINUATION, payload[cut:], mask=mask)
+        else:
+            stream += raw_frame(TEXT, payload, mask=mask)
+        expected.append((TEXT, payload))
+    return stream, expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(run_strategy(), st.lists(st.integers(0, 1 << 20), max_size=8), st.booleans())
+def test_fast_path_runs_decode_like_the_frames_say(
+    case: tuple[bytes, list[tuple[int, bytes]]], cuts: list[int], validate: bool
+) -> None:
+    stream, expected = case
+    assert decode_all(stream, client_side=False, validate_utf8=validate) == expected
+    dec = FrameDecoder(client_side=False, validate_utf8=validate)
+    got: list[tuple[int, bytes]] = []
+    for piece in _split(stream, cuts):
+        dec.receive_data(piece)
+        got.extend(dec.messages())
+    assert got == expected
+    assert dec.buffered == 0
+
+
+def _masked_texts(sizes: list[int]) -> bytes:
+    return b"".join(
+        raw_frame(TEXT, bytes([0x61 + i]) * n, mask=bytes([i, 0x5A, 0xA5, 0xFF]))
+        for i, n in enumerate(sizes)
+    )
+
+
+@pytest.mark.parametrize(
+    ("cap", "sizes"),
+    [
+        (150, [10, 130, 151, 5]),  # a 16-bit length over the cap ends the run
+        (100, [10, 100, 101, 5]),  # a cap under 125: 7-bit lengths need the check too
+        (125, [125, 126, 5]),
+    ],
+)
+def test_cap_inside_a_run_returns_the_messages_before_it(cap: int, sizes: list[int]) -> None:
+    dec = FrameDecoder(client_side=False, max_message_size=cap)
+    dec.receive_data(_masked_texts(sizes))
+    ok = sizes[: next(i for i, n in enumerate(sizes) if n > cap)]
+    assert [len(p) for _, p in dec.messages()] == ok
+    with pytest.raises(PayloadTooLarge):
+        dec.messages()
+
+
+def test_bad_utf8_inside_a_run_returns_the_messages_before_it() -> None:
+    good = raw_frame(TEXT, b'{"a":1}', mask=b"\x01\x02\x03\x04")
+    bad = raw_frame(TEXT, b'{"a":"\xff"}', mask=b"\x05\x06\x07\x08")
+    dec = FrameDecoder(client_side=False)
+    dec.receive_data(good + good + bad + good)
+    assert dec.messages() == [(TEXT, b'{"a":1}')] * 2
+    with pytest.raises(DecodeError) as err:
+        dec.messages()
+    assert err.value.close_code == 1007
+    # Without validation the same stream decodes whole (the caller checks the UTF-8).
+    assert len(decode_all(good + good + bad + good, client_side=False, validate_utf8=False)) == 4
+
+
+def test_unmasked_or_rsv_frame_after_a_run_is_still_refused() -> None:
+    run = _masked_texts([3, 200, 4])
+    for bad in (raw_frame(TEXT, b"x"), raw_frame(TEXT, b"x", rsv=4, mask=b"abcd")):
+        dec = FrameDecoder(client_side=False)
+        dec.receive_data(run + bad)
+        assert [len(p) for _, p in dec.messages()] == [3, 200, 4]
+        with pytest.raises(DecodeError) as err:
+            dec.messages()
+        assert err.value.close_code == 1002

@@ -37,14 +37,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
-from . import envelope
+from . import envelope, hub_recovery
 from ._defaults import RandFn, WallClockMs
 from .codec import encode_event
 from .config import ServerConfig
 from .events import AuthRejected, Connected, ConnectionClosed, Event
+from .hub_presence import HubPresence
+from .hub_recovery import HubRecovery, Position
 from .metrics import Gauges, Metrics, health_snapshot, prometheus_text
+from .presence import PresenceConfig
 from .ratelimit import DEDUP_WINDOW_SIZE, DedupWindow
-from .server import ConnectionState, DrainItem, ServerConnection
+from .recovery import NOT_RECOVERABLE, RecoveryConfig, RecoveryOutcome
+from .server import ConnectionState, Pending, ServerConnection, resolve
 from .topics import GlobPattern, TopicACL, compile_glob, is_glob, topic_bytes, valid_topic
 from .ws import binary_frame, text_frame
 
@@ -69,7 +73,10 @@ class CoreConfig:
 
     ``connection`` is handed to every :class:`ServerConnection`. ``recovery_enabled``
     is kept in sync with ``connection.recovery_enabled`` (server_ready announces it).
-    ``inbound_low_water`` defaults to half of ``max_inbound_queue_size``.
+    ``inbound_low_water`` defaults to half of ``max_inbound_queue_size``. ``recovery`` and
+    ``presence`` hold the limits used when the feature is enabled;
+    ``recovery_wire_handling`` makes the hub answer clients' recovery requests itself
+    (PROTOCOL §13.3).
     """
 
     max_connections: int = 1000
@@ -83,8 +90,15 @@ class CoreConfig:
     inbound_overflow: Literal["backpressure", "drop"] = "backpressure"
     dedup_size: int = DEDUP_WINDOW_SIZE
     connection: ServerConfig = field(default_factory=ServerConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
+    recovery_wire_handling: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.recovery, RecoveryConfig):
+            raise ValueError("recovery must be a RecoveryConfig")
+        if not isinstance(self.presence, PresenceConfig):
+            raise ValueError("presence must be a PresenceConfig")
         for name in (
             "max_connections",
             "max_inbound_queue_size",
@@ -186,12 +200,13 @@ class ServerCore:
         self._dedup = DedupWindow(config.dedup_size)
         self._backlog_limit = config.max_outbound_queue_bytes
         self._disconnect_slow = config.slow_consumer_policy == "disconnect"
-        # Inbound queue (§10.4) and its water marks (F6). Drain tuples are queued in
-        # batches (one list per transport call, as the machine hands them over), so a
-        # burst of messages costs one append here and is popped by slicing.
-        self._inbound: deque[list[InboundEvent]] = deque()
-        self._inbound_len = 0  # tuples queued, not yet popped
-        self._inbound_head = 0  # tuples of the first batch already popped
+        # Inbound queue (§10.4) and its water marks (F6). Messages are queued in batches
+        # (one list per transport call and connection, as the machine hands them over,
+        # in its compact form), so a burst costs one append here; pop_inbound slices
+        # the batches and turns them into drain tuples (server.resolve).
+        self._inbound: deque[tuple[str, list[Pending]]] = deque()
+        self._inbound_len = 0  # messages and lifecycle tuples queued, not yet popped
+        self._inbound_head = 0  # items of the first batch already popped
         self._inbound_max = config.max_inbound_queue_size
         self._inbound_low = (
             config.inbound_low_water
@@ -203,6 +218,10 @@ class ServerCore:
         self._inbound_paused = False  # the queue reached its limit since the last resume
         self.on_inbound: Callable[[], None] | None = None
         """Called after events were queued (e.g. to wake a blocked ``drain_inbound``)."""
+        self.defer_inbound_notice = False
+        """Set by a transport that calls :meth:`announce_inbound` itself after writing
+        the output of a call: ``on_inbound`` then fires after the write, not before, so
+        waking the application does not delay the bytes for the peer."""
         self.on_inbound_resumable: Callable[[], None] | None = None
         """Called by :meth:`pop_inbound` when a queue that was full drains to the low-water
         mark, so a transport in another thread can resume reading."""
@@ -212,6 +231,20 @@ class ServerCore:
         self._dirty: dict[str, ServerConnection] = {}
         self._dirty_maps: dict[int, dict[str, ServerConnection]] = {}
         self._wakeup: Callable[[], None] | None = None
+        # Recovery and presence (hub_recovery.py, hub_presence.py); None when disabled.
+        self._recovery = (
+            HubRecovery(self, config.recovery, rand, wire=config.recovery_wire_handling)
+            if config.recovery_enabled
+            else None
+        )
+        self._take_requests = (
+            self._recovery.take_requests
+            if self._recovery is not None and config.recovery_wire_handling
+            else None
+        )
+        self._presence = (
+            HubPresence(self, config.presence, now) if config.presence_enabled else None
+        )
 
     # ------------------------------------------------------------------ small helpers
 
@@ -317,6 +350,12 @@ class ServerCore:
         self._process(conn)
         if conn.pending_bytes:
             self._dirty[conn.conn_id] = conn
+        if not self.defer_inbound_notice:
+            self._notify_inbound()
+
+    def announce_inbound(self) -> None:
+        """Fire ``on_inbound`` if events were queued since the last notice (for
+        transports that set ``defer_inbound_notice``)."""
         self._notify_inbound()
 
     def _closed_by_app(self, conn: ServerConnection) -> None:
@@ -341,24 +380,25 @@ class ServerCore:
                 break
             if has_events:
                 self._dispatch(conn, items)
-            else:  # the common case: only received messages, already drain tuples
+            else:  # the common case: only received messages
                 self.metrics.messages_received += len(items)
-                self._push_many(items)  # type: ignore[arg-type]
+                self._push_many(conn.conn_id, items)  # type: ignore[arg-type]
         # Counters kept by the machine itself.
         if conn.decrypt_failures:
             self.metrics.decrypt_failures += conn.decrypt_failures
             conn.decrypt_failures = 0
 
-    def _dispatch(self, conn: ServerConnection, items: list[Event | DrainItem]) -> None:
+    def _dispatch(self, conn: ServerConnection, items: list[Event | Pending]) -> None:
         metrics = self.metrics
-        run: list[InboundEvent] = []  # messages since the last event object
+        cid = conn.conn_id
+        run: list[Pending] = []  # messages since the last event object
         for ev in items:
-            if isinstance(ev, tuple):
+            if not isinstance(ev, Event):
                 run.append(ev)
                 continue
             if run:
                 metrics.messages_received += len(run)
-                self._push_many(run)
+                self._push_many(cid, run)
                 run = []
             if isinstance(ev, Connected):
                 self._register(conn, ev)
@@ -368,21 +408,26 @@ class ServerCore:
                 metrics.auth_failures += 1
         if run:
             metrics.messages_received += len(run)
-            self._push_many(run)
+            self._push_many(cid, run)
 
-    def _push(self, item: InboundEvent) -> None:
+    def _push(self, cid: str, item: InboundEvent) -> None:
         """Queue a lifecycle tuple (connect/disconnect): never dropped, in either mode."""
-        self._inbound.append([item])
+        self._inbound.append((cid, [item]))  # type: ignore[list-item]
         self._inbound_len += 1
         self._inbound_added = True
         if self._inbound_len >= self._inbound_max and not self._drop_inbound:
             self._inbound_paused = True
 
-    def _push_many(self, items: list[InboundEvent]) -> None:
+    def _push_many(self, cid: str, items: list[Pending]) -> None:
         """Queue received messages (the list is kept, not copied). Without
         ``inbound_overflow="drop"`` nothing is ever dropped (F6): the transport pauses
         reading while :meth:`inbound_full`; with it, what does not fit is counted.
+        Recovery requests are answered here when the hub handles them (PROTOCOL §13.3).
         """
+        if self._take_requests is not None:
+            items = self._take_requests(cid, items)
+            if not items:
+                return
         if self._drop_inbound:
             room = self._inbound_max - self._inbound_len
             if room < len(items):
@@ -390,7 +435,7 @@ class ServerCore:
                 if room <= 0:
                     return
                 items = items[:room]
-        self._inbound.append(items)
+        self._inbound.append((cid, items))
         self._inbound_len += len(items)
         self._inbound_added = True
         if self._inbound_len >= self._inbound_max and not self._drop_inbound:
@@ -401,9 +446,9 @@ class ServerCore:
         self._members[cid] = _Member(conn, ev.acl)
         self._registered[cid] = conn
         if ev.user_id is not None:
-            self._push(("auth_connect", cid, ev.user_id))
+            self._push(cid, ("auth_connect", cid, ev.user_id))
         else:
-            self._push(("connect", cid, ev.cookies))
+            self._push(cid, ("connect", cid, ev.cookies))
         if self._drain_close is not None:
             # Finished its handshake while we drain: it gets the same Close as the rest.
             code, reason = self._drain_close
@@ -419,7 +464,9 @@ class ServerCore:
             self._dirty[cid] = conn  # it leaves recipient maps that may still be pending
         self._drop_topics(member, list(member.topics))
         self._drop_groups(member, list(member.groups))
-        self._push(("disconnect", cid, None))
+        if self._presence is not None:
+            self._presence.leave(cid, None)  # the other subscribers see it leave (ref §8)
+        self._push(cid, ("disconnect", cid, None))
 
     # ------------------------------------------------------------------ inbound queue
 
@@ -445,31 +492,21 @@ class ServerCore:
             return []
         queue = self._inbound
         head = self._inbound_head
-        if total <= max_count:  # everything: hand the batches over
-            items = queue.popleft()
-            if head:
-                items = items[head:]
-            for batch in queue:
-                items += batch
-            queue.clear()
-            self._inbound_head = 0
-            self._inbound_len = 0
-        else:
-            items = []
-            need = max_count
-            while need:
-                batch = queue[0]
-                left = len(batch) - head
-                if left > need:
-                    items += batch[head : head + need]
-                    head += need
-                    break
-                items += batch[head:] if head else batch
-                queue.popleft()
-                head = 0
-                need -= left
-            self._inbound_head = head
-            self._inbound_len = total - max_count
+        items: list[InboundEvent] = []
+        need = min(max_count, total)
+        self._inbound_len = total - need
+        while need:
+            cid, batch = queue[0]
+            left = len(batch) - head
+            if left > need:
+                items += resolve(cid, batch[head : head + need])
+                head += need
+                break
+            items += resolve(cid, batch[head:] if head else batch)
+            queue.popleft()
+            head = 0
+            need -= left
+        self._inbound_head = head
         if self._inbound_paused and self._inbound_len <= self._inbound_low:
             self._inbound_paused = False
             if self.on_inbound_resumable is not None:
@@ -557,15 +594,6 @@ class ServerCore:
 
     # ------------------------------------------------------------------ app API: fan-out
 
-    def _stamp(self, topic: str, payload: bytes) -> bytes:
-        """RECOVERY HOOK: the single place a publication's payload is produced.
-
-        Recovery (reference §7.2, a later issue) will reserve the topic's next offset
-        here, splice ``{"tp":..,"e":..,"o":..`` into object payloads and store the
-        stamped bytes in the topic's ring buffer. Until then the payload is unchanged.
-        """
-        return payload
-
     def _glob_targets(self, topic: str) -> tuple[dict[str, ServerConnection], ...]:
         """Subscriber maps of every glob pattern matching ``topic`` (memoised)."""
         cache = self._glob_cache
@@ -600,18 +628,25 @@ class ServerCore:
     def _is_active_topic(self, topic: str) -> bool:
         return bool(self._targets(topic)) or topic in self._groups
 
-    def broadcast_local(self, topic: str, text: str) -> int:
+    def broadcast_local(self, topic: str, text: str, *, now: float | None = None) -> int:
         """Publish ``text`` to the subscribers of ``topic`` on this server (§2.4).
 
-        Returns the number of connections the message was queued on (the original
-        returns None; the facade drops it).
+        With recovery on, a JSON object is stamped and stored first (PROTOCOL §13.2);
+        ``now`` (monotonic) dates the write for the TTL; without it the store's latest
+        time counts (never older than the core's start). Returns the number of
+        connections the message was queued on (the original returns None; the facade
+        drops it).
         """
         self.metrics.count_topic(topic, self._is_active_topic)
         targets = self._targets(topic)
         groups = self._groups.get(topic)
         if not targets and not groups and not self.config.recovery_enabled:
             return 0  # nobody to deliver to and nothing to record
-        payload = self._stamp(topic, envelope.inject_category(text).encode("utf-8"))
+        rec = self._recovery
+        if rec is not None:  # one stamped bytes object, stored and sent (no copy)
+            payload = rec.produce(topic, text, self._started if now is None else now)
+        else:
+            payload = envelope.inject_category(text).encode("utf-8")
         if not targets and not groups:
             return 0
         frame = text_frame(payload)
@@ -706,15 +741,12 @@ class ServerCore:
         Topics with control characters are dropped with a warning, topics the
         connection's ACL denies are dropped silently; at the subscription limit this
         raises ``RuntimeError`` (even for a topic already held), below it the list is
-        truncated to fit. Unknown connection ids are a silent no-op.
+        truncated to fit. Unknown connection ids are a silent no-op. With presence
+        enabled, ``presence_data`` (not None) joins the presence of the topics kept
+        (ref §8); without it, it is ignored like the original.
         """
         if isinstance(topics, str):
             raise TypeError("topics must be a list of strings, not a string")
-        if presence_data is not None and self.config.presence_enabled:
-            raise NotImplementedError(
-                "presence tracking is not implemented yet (a later issue); "
-                "call subscribe() without presence_data"
-            )
         member = self._members.get(conn_id)
         if member is None:
             return
@@ -757,6 +789,11 @@ class ServerCore:
                 member.groups[key] = None
                 group = self._groups.setdefault(topic, {}).setdefault(queue_group, _Group())
                 group.members.append(conn)
+        if presence_data is not None and self._presence is not None:
+            was_clean = self._clean()
+            if self._presence.join(conn, wanted, presence_data):
+                self._notify_inbound()
+            self._woken(was_clean)
 
     def unsubscribe(self, conn_id: str, topics: Iterable[str] | None = None) -> None:
         """Leave topics (and every queue group of those topics); ``None`` leaves all (§10.1)."""
@@ -768,10 +805,20 @@ class ServerCore:
         if topics is None:
             self._drop_topics(member, list(member.topics))
             self._drop_groups(member, list(member.groups))
+            self._presence_left(conn_id, None)
             return
         wanted = dict.fromkeys(topics)  # duplicates collapse, order kept
         self._drop_topics(member, [t for t in wanted if t in member.topics])
         self._drop_groups(member, [key for key in member.groups if key[0] in wanted])
+        self._presence_left(conn_id, wanted)
+
+    def _presence_left(self, conn_id: str, topics: Iterable[str] | None) -> None:
+        """Presence: the connection left ``topics`` (every topic when None), ref §8."""
+        if self._presence is not None:
+            was_clean = self._clean()
+            if self._presence.leave(conn_id, topics):
+                self._notify_inbound()
+            self._woken(was_clean)
 
     def _drop_topics(self, member: _Member, topics: list[str]) -> None:
         conn = member.conn
@@ -835,6 +882,74 @@ class ServerCore:
             return {}
         return {name: len(group.members) for name, group in groups.items()}
 
+    # ------------------------------------------------------------------ app API: recovery, presence
+
+    def subscribe_with_recovery(
+        self,
+        conn_id: str,
+        topics: Iterable[str],
+        positions: Mapping[str, Position] | None = None,
+        *,
+        now: float,
+    ) -> dict[str, RecoveryOutcome]:
+        """Subscribe, then judge each topic on its own ``(epoch, offset)`` and queue the
+        replays in the same step, so the live stream follows each replay with no gap and
+        no repeat (PROTOCOL §13.3-13.5, F8, F10). Topics without a position only get the
+        current one. Raises DecodeError for an invalid position after subscribing (ref
+        §7.3). With recovery disabled every topic is not recoverable.
+        """
+        if isinstance(topics, str):
+            raise TypeError("topics must be a list of strings, not a string")
+        wanted = list(dict.fromkeys(topics))
+        rec = self._recovery
+        if rec is not None:
+            return rec.subscribe(conn_id, wanted, positions or {}, now)
+        self.subscribe(conn_id, wanted)
+        hub_recovery.check_positions(positions or {})
+        return dict.fromkeys(wanted, NOT_RECOVERABLE)
+
+    def presence(self, topic: str) -> dict[str, dict[str, Any]]:
+        """``{user_id: {"data", "connections"}}`` (PROTOCOL §14.3); empty when disabled."""
+        return self._presence.state.members(topic) if self._presence is not None else {}
+
+    def presence_stats(self, topic: str) -> dict[str, int]:
+        """``{"num_users", "num_connections"}`` in O(1); zeros when disabled or unknown."""
+        if self._presence is None:
+            return {"num_users": 0, "num_connections": 0}
+        return self._presence.state.stats(topic)
+
+    def update_presence(self, conn_id: str, data: Any) -> None:
+        """Replace the user's presence data on every topic it joined, one
+        ``presence_update`` each (ref §8). LocalProtocolError when the data is too large
+        or the connection is unknown; a no-op when presence is disabled."""
+        if self._presence is None:
+            return
+        was_clean = self._clean()
+        if self._presence.update(conn_id, data):
+            self._notify_inbound()
+        self._woken(was_clean)
+
+    def housekeeping(self, now: float) -> None:
+        """Periodic work, driven by the facade at :meth:`next_housekeeping`: expire
+        idle recovery buffers (``recovery_ttl``) and run the 30 s presence sweep."""
+        if self._recovery is not None:
+            self._recovery.expire(now)
+        if self._presence is not None:
+            was_clean = self._clean()
+            if self._presence.sweep(now):
+                self._notify_inbound()
+            self._woken(was_clean)
+
+    def next_housekeeping(self) -> float | None:
+        """When :meth:`housekeeping` has work next (None: never)."""
+        due: float | None = None
+        if self._recovery is not None:
+            due = self._recovery.next_deadline()
+        if self._presence is not None:
+            sweep = self._presence.next_deadline()
+            due = sweep if due is None else min(due, sweep)
+        return due
+
     # ------------------------------------------------------------------ app API: lifecycle
 
     def disconnect(self, conn_id: str) -> None:
@@ -877,17 +992,19 @@ class ServerCore:
 
     def _gauges(self, now: float) -> Gauges:
         config = self.config
+        buffers, stored = self._recovery.stats(now) if self._recovery is not None else (0, 0)
+        state = self._presence.state if self._presence is not None else None
         return Gauges(
             connections=len(self._members),
             inbound_queue_depth=self._inbound_len,
             uptime_secs=max(0, int(now - self._started)),
             topics=self._topic_count(),
             recovery_enabled=config.recovery_enabled,
-            recovery_topic_count=0,
-            recovery_total_bytes=0,
+            recovery_topic_count=buffers,
+            recovery_total_bytes=stored,
             presence_enabled=config.presence_enabled,
-            presence_topics=0,
-            presence_total_users=0,
+            presence_topics=state.topic_count() if state is not None else 0,
+            presence_total_users=state.total_users() if state is not None else 0,
         )
 
     def health_snapshot(self, now: float) -> dict[str, Any]:

@@ -27,9 +27,14 @@ envelopes come from the injected ``wall_ms``; randomness from ``rand``.
 Inbound hot path: a text frame starting with ``{`` is parsed straight from its bytes
 (orjson checks the UTF-8 itself); only frames that do not parse, legacy prefixes and
 non-JSON text take the general route through :func:`wse_proto.codec.decode_client_text`.
-Received messages are queued internally in their drain form ``(kind, conn_id, value)``
-(reference §10.4), which the hub forwards without building an event object per message;
-:meth:`ServerConnection.events_received` turns them into the public event classes.
+Received messages are kept in a compact form (:data:`Pending`) that the hub queues as is,
+without an event object per message: a drain tuple ``(kind, conn_id, value)`` (reference
+§10.4), or, for a JSON text message, its bytes. The machine parses those once to decide
+interception (§3.2) and drops the result; :func:`resolve` parses them again when the
+application takes them. Parsing twice costs less than queueing the parsed objects: the
+queue then holds flat bytes that the cyclic garbage collector never scans, and the dicts
+are created in the thread that consumes them, while still in its CPU cache (measured in
+bench/README.md). :meth:`ServerConnection.events_received` returns the public events.
 """
 
 from __future__ import annotations
@@ -93,12 +98,19 @@ __all__ = [
     "ConnectionState",
     "DrainItem",
     "Input",
+    "Pending",
     "ServerConfig",
     "ServerConnection",
+    "resolve",
 ]
 
 DrainItem = tuple[str, str, Any]
 """A received message in drain form: ``("msg" | "raw" | "bin", conn_id, value)`` (§10.4)."""
+
+Pending = DrainItem | bytes
+"""A received message as the machine queues it: a drain tuple, or the bytes of a text
+message known to be a JSON object that is not intercepted (``msg``, parsed by
+:func:`resolve`)."""
 
 
 class ConnectionState(enum.Enum):
@@ -224,14 +236,43 @@ def _close_reason(error: WSEError) -> str:
     return raw.decode("utf-8", "ignore")
 
 
-def _as_event(item: DrainItem) -> Event:
-    """The public event for a message kept in drain form."""
+def _as_event(item: Pending) -> Event:
+    """The public event for a message kept in compact form."""
+    if isinstance(item, bytes):
+        return MessageReceived(_parse_object(item))
     kind, _, value = item
     if kind == "msg":
         return MessageReceived(value)
     if kind == "raw":
         return TextReceived(value)
     return BytesReceived(value)
+
+
+def _parse_object(payload: bytes) -> Any:
+    """The ``msg`` value of a JSON object text frame: parsed, keys normalised (§2.8)."""
+    obj = orjson.loads(payload)
+    if "t" not in obj or "p" not in obj:
+        obj = normalize_keys(obj)
+    return obj
+
+
+def resolve(conn_id: str, items: list[Pending]) -> list[DrainItem]:
+    """Drain tuples for messages of connection ``conn_id`` in compact form, in order.
+
+    The JSON kept as bytes was checked to parse by the machine, so this cannot fail.
+    """
+    loads = orjson.loads
+    out: list[DrainItem] = []
+    add = out.append
+    for item in items:
+        if type(item) is bytes:
+            obj = loads(item)
+            if "t" not in obj or "p" not in obj:
+                obj = normalize_keys(obj)
+            add(("msg", conn_id, obj))
+        else:
+            add(item)  # type: ignore[arg-type]
+    return out
 
 
 class ServerConnection(_StateMachine):
@@ -300,8 +341,8 @@ class ServerConnection(_StateMachine):
             client_side=False, max_message_size=config.max_message_size, validate_utf8=False
         )
         self._now = now
-        # Events in order; received messages in drain form (see DrainItem).
-        self._events: list[Event | DrainItem] = []
+        # Events in order; received messages in compact form (see Pending).
+        self._events: list[Event | Pending] = []
         self._has_events = False  # _events holds at least one Event object
         self._out: list[bytes] = []
         self._open = False
@@ -355,13 +396,14 @@ class ServerConnection(_StateMachine):
         items = self._events
         self._events = []
         self._has_events = False
-        return [_as_event(item) if isinstance(item, tuple) else item for item in items]
+        return [item if isinstance(item, Event) else _as_event(item) for item in items]
 
-    def take_items(self) -> tuple[list[Event | DrainItem], bool]:
-        """Like :meth:`events_received`, for the hub: messages stay in drain form.
+    def take_items(self) -> tuple[list[Event | Pending], bool]:
+        """Like :meth:`events_received`, for the hub: messages stay in compact form
+        (:data:`Pending`; :func:`resolve` turns them into drain tuples).
 
         Returns the list (handed over, not copied) and whether it holds any
-        :class:`~wse_proto.events.Event` object (False: only drain tuples).
+        :class:`~wse_proto.events.Event` object (False: only messages).
         """
         items = self._events
         if not items:
@@ -510,7 +552,6 @@ class ServerConnection(_StateMachine):
 
     def _process_frames(self, now: float) -> None:
         decoder = self._decoder
-        cid = self.conn_id
         loads = orjson.loads
         while True:
             try:
@@ -537,9 +578,7 @@ class ServerConnection(_StateMachine):
                             if type(t) is str and t in _INTERCEPTED:
                                 self._intercept(t, normalize_keys(obj))
                             else:
-                                if t is None or "p" not in obj:
-                                    obj = normalize_keys(obj)
-                                add(("msg", cid, obj))
+                                add(payload)  # parsed again by resolve(), see above
                             continue
                     self._on_text(payload)
                     continue

@@ -11,8 +11,9 @@ thread, never on the I/O loop, so a slow callback never stalls the sockets.
 Inbound events are never dropped (decision F6): when the application falls behind, the
 transport stops reading until the queue drains below half, and clients slow down.
 
-Features of the original that are not built yet (recovery, presence tracking, cluster)
-raise ``NotImplementedError`` with a message naming them, never fail silently.
+Recovery (PROTOCOL §13) and presence (§14) live in the core; a housekeeping thread expires
+idle recovery buffers and runs the presence sweep. The cluster is not built yet: its
+methods raise ``NotImplementedError`` with a message naming it, never fail silently.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from typing import Any, Literal
 from wse_proto import auth
 from wse_proto._defaults import monotonic, system_rand, wall_clock_ms
 from wse_proto.config import ServerConfig
-from wse_proto.errors import LocalProtocolError
+from wse_proto.errors import DecodeError, LocalProtocolError
 from wse_proto.hub import CoreConfig, InboundEvent, ServerCore
+from wse_proto.presence import UPDATE_FAILED, PresenceConfig
+from wse_proto.recovery import MAX_OFFSET, RecoveryConfig, recovery_result
 from wse_proto.ws import encode_close
 from wse_transports.base import Transport, get_transport
 
@@ -37,10 +40,6 @@ __all__ = ["WSEServer"]
 log = logging.getLogger("wse_server")
 
 CLUSTER_MISSING = "cluster support is not built yet in wse-py"
-RECOVERY_MISSING = (
-    "message recovery (subscribe_with_recovery, recovery_enabled=True) is not built yet in wse-py"
-)
-PRESENCE_MISSING = "presence tracking is not built yet in wse-py"
 
 STOP_GRACE = 2.0
 """Seconds ``stop()`` waits for clients to answer close 1001 (reference §10.3)."""
@@ -48,6 +47,23 @@ STOP_GRACE = 2.0
 OnConnect = Callable[[str, str], Any]
 OnMessage = Callable[[str, Any], Any]
 OnDisconnect = Callable[[str], Any]
+OnPresence = Callable[[str, dict[str, Any]], Any]
+
+HOUSEKEEPING_MAX_WAIT = 30.0
+"""Longest sleep of the housekeeping thread (the presence sweep period, ref §8)."""
+
+
+def _position_args(epoch: Any, offset: Any) -> tuple[str, int]:
+    """Check a recovery position's types as the original's argument conversion does."""
+    if not isinstance(epoch, str):
+        raise TypeError(f"epoch must be a str, got {type(epoch).__name__}")
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    if offset < 0:
+        raise OverflowError(f"offset must be >= 0, got {offset}")
+    if offset > MAX_OFFSET:
+        raise OverflowError(f"offset must be < 2**64, got {offset}")
+    return epoch, offset
 
 
 def _int_arg(name: str, value: Any, minimum: int) -> int:
@@ -62,7 +78,9 @@ class WSEServer:
     Positional parameters, names and defaults are the original's. Keyword-only extras:
     ``transport`` ("asyncio", "uvloop"), ``server_version``, ``jwt_require_claims`` (K6),
     ``jwt_leeway``, ``inbound_overflow`` ("backpressure" | "drop", F6),
-    ``slow_consumer_policy`` ("drop" | "disconnect"), ``handshake_timeout``.
+    ``slow_consumer_policy`` ("drop" | "disconnect"), ``handshake_timeout``,
+    ``recovery_wire_handling`` (answer clients' ``subscription_update`` recovery requests
+    in the server, PROTOCOL §13.3; False hands them to the application as before).
     """
 
     def __init__(
@@ -102,6 +120,7 @@ class WSEServer:
         inbound_overflow: Literal["backpressure", "drop"] = "backpressure",
         slow_consumer_policy: Literal["drop", "disconnect"] = "drop",
         handshake_timeout: float = 10.0,
+        recovery_wire_handling: bool = True,
     ) -> None:
         if not isinstance(host, str):
             raise ValueError("host must be a str")
@@ -137,9 +156,21 @@ class WSEServer:
                 require_claims=jwt_require_claims,
                 private_key=jwt_private_key,
             )
-        if recovery_enabled:
-            log.warning("%s; serving without recovery (server_ready says recovery:false)",
-                        RECOVERY_MISSING)  # fmt: skip
+        if recovery_enabled and recovery_ttl == 0:
+            raise ValueError("recovery_ttl must be > 0 when recovery is enabled")
+        recovery = (
+            RecoveryConfig(
+                buffer_size=recovery_buffer_size,
+                ttl=float(recovery_ttl),
+                max_messages=recovery_max_messages,
+                memory_budget=recovery_memory_budget,
+            )
+            if recovery_enabled
+            else RecoveryConfig()
+        )
+        presence = PresenceConfig(
+            max_data_size=presence_max_data_size, max_members=presence_max_members
+        )
         self._presence_enabled = bool(presence_enabled)
         connection = ServerConfig(
             max_message_size=max_message_size,
@@ -149,7 +180,7 @@ class WSEServer:
             rate_limit_refill=rate_limit_refill,
             jwt=jwt,
             handshake_timeout=handshake_timeout,
-            recovery_enabled=False,
+            recovery_enabled=bool(recovery_enabled),
             server_version=server_version,
         )
         self._core_config = CoreConfig(
@@ -157,10 +188,14 @@ class WSEServer:
             max_inbound_queue_size=max_inbound_queue_size,
             max_outbound_queue_bytes=max_outbound_queue_bytes,
             max_subscriptions_per_connection=max_subscriptions_per_connection,
+            recovery_enabled=bool(recovery_enabled),
             presence_enabled=self._presence_enabled,
             slow_consumer_policy=slow_consumer_policy,
             inbound_overflow=inbound_overflow,
             connection=connection,
+            recovery=recovery,
+            presence=presence,
+            recovery_wire_handling=bool(recovery_wire_handling),
         )
         self._transport_cls, self._transport_options = get_transport(transport)
         self.transport_name = transport
@@ -181,6 +216,12 @@ class WSEServer:
         self._drain_waiters = 0
         self._async_waiters: dict[asyncio.Event, tuple[asyncio.AbstractEventLoop, int]] = {}
         self._warned_unconsumed = False
+        self._on_presence: OnPresence | None = None
+        self._housekeeper: threading.Thread | None = None
+        self._housekeeper_stop = threading.Event()
+        self._housekeeping_cap = HOUSEKEEPING_MAX_WAIT
+        if recovery_enabled:
+            self._housekeeping_cap = min(HOUSEKEEPING_MAX_WAIT, float(recovery_ttl))
 
     # ------------------------------------------------------------------ core plumbing
 
@@ -265,6 +306,40 @@ class WSEServer:
     def _after_start(self) -> None:
         if self._mode == "callbacks":
             self._start_dispatcher()
+        self._start_housekeeping()
+
+    def _start_housekeeping(self) -> None:
+        """Recovery TTL expiry and the presence sweep run on their own thread (the
+        transports only know per-connection timers)."""
+        config = self._core_config
+        if not (config.recovery_enabled or config.presence_enabled):
+            return
+        if self._housekeeper is not None and self._housekeeper.is_alive():
+            return
+        stop = self._housekeeper_stop = threading.Event()
+        thread = threading.Thread(
+            target=self._housekeeping_loop, args=(stop,), name="wse-housekeeping", daemon=True
+        )
+        self._housekeeper = thread
+        thread.start()
+
+    def _housekeeping_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            with self._lock:
+                core = self._core
+                core.housekeeping(monotonic())
+                due = core.next_housekeeping()
+            wait = self._housekeeping_cap if due is None else due - monotonic()
+            stop.wait(min(self._housekeeping_cap, max(0.01, wait)))
+
+    def _stop_housekeeping(self) -> None:
+        thread = self._housekeeper
+        if thread is None:
+            return
+        self._housekeeper_stop.set()
+        if thread is not threading.current_thread():
+            thread.join(5.0)
+        self._housekeeper = None
 
     def stop(self) -> None:
         """Close every client with 1001 "server shutting down", wait up to 2 s, stop."""
@@ -289,6 +364,7 @@ class WSEServer:
         self._transport = None
         self._serving_loop = None
         self._stop_dispatcher()
+        self._stop_housekeeping()
         with self._lock:
             self._cond.notify_all()
             for event, (loop, _) in list(self._async_waiters.items()):
@@ -365,10 +441,18 @@ class WSEServer:
         on_connect: OnConnect | None,
         on_message: OnMessage | None,
         on_disconnect: OnDisconnect | None,
+        *,
+        on_presence: OnPresence | None = None,
     ) -> None:
         """``on_connect(conn_id, cookies)``, ``on_message(conn_id, value)``,
-        ``on_disconnect(conn_id)``, called in order on one dispatcher thread."""
+        ``on_disconnect(conn_id)``, called in order on one dispatcher thread.
+
+        ``on_presence(kind, {"topic", "user_id", "data"})`` (an extension) receives the
+        presence events that drain mode returns as ``(kind, None, value)``; the tracking
+        itself is the same in both modes (F11).
+        """
         self._callbacks = (on_connect, on_message, on_disconnect)
+        self._on_presence = on_presence
         self._mode = "callbacks"
         if self.is_running():
             self._start_dispatcher()
@@ -426,8 +510,14 @@ class WSEServer:
 
     def _run_callbacks(self, batch: list[InboundEvent], cookies: dict[str, str]) -> None:
         on_connect, on_message, on_disconnect = self._callbacks
+        on_presence = self._on_presence
         for kind, conn_id, value in batch:
             if conn_id is None:
+                if on_presence is not None:
+                    try:
+                        on_presence(kind, value)
+                    except Exception:
+                        log.exception("presence callback failed for %s", kind)
                 continue
             try:
                 if kind == "connect":
@@ -483,9 +573,11 @@ class WSEServer:
             self._live_core().broadcast_all_bytes(bytes(data))
 
     def broadcast_local(self, topic: str, data: str) -> None:
-        """Publish to this server's subscribers of ``topic`` (globs included)."""
+        """Publish to this server's subscribers of ``topic`` (globs included); with
+        recovery on, JSON objects are stamped and kept for recovery (PROTOCOL §13.2)."""
+        now = monotonic()
         with self._lock:
-            self._live_core().broadcast_local(topic, data)
+            self._live_core().broadcast_local(topic, data, now=now)
 
     def broadcast(self, topic: str, data: str) -> None:
         """Publish to ``topic``: local fan-out (the cluster copy comes with cluster support).
@@ -493,9 +585,10 @@ class WSEServer:
         Like the original, before ``start()`` there is nobody to deliver to and the call
         silently does nothing.
         """
+        now = monotonic()
         with self._lock:
             if self.is_running():
-                self._core.broadcast_local(topic, data)
+                self._core.broadcast_local(topic, data, now=now)
 
     # ------------------------------------------------------------------ connections
 
@@ -528,11 +621,18 @@ class WSEServer:
         presence_data: Any = None,
         queue_group: str | None = None,
     ) -> None:
-        """Subscribe to topics (exact or ``*``/``?`` globs) or join a queue group (§10.1-2)."""
-        if presence_data is not None and self._presence_enabled:
-            raise NotImplementedError(PRESENCE_MISSING + " (presence_data)")
+        """Subscribe to topics (exact or ``*``/``?`` globs) or join a queue group (§10.1-2).
+
+        With presence enabled, ``presence_data`` (any JSON value; ``{}`` counts, None
+        does not) joins the presence of the topics kept (PROTOCOL §14.1): the topic's
+        subscribers get ``presence_join`` for a user's first connection. Data over
+        ``presence_max_data_size`` is not tracked (logged), as in the original.
+        """
         with self._lock:
-            self._core.subscribe(conn_id, topics, queue_group)
+            try:
+                self._core.subscribe(conn_id, topics, queue_group, presence_data)
+            except LocalProtocolError as exc:  # presence data not serialisable as JSON
+                raise TypeError(f"presence_data: {exc.message}") from None
 
     def subscribe_with_recovery(
         self,
@@ -541,8 +641,46 @@ class WSEServer:
         recover: bool = False,
         epoch: str | None = None,
         offset: int | None = None,
+        *,
+        positions: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        raise NotImplementedError(RECOVERY_MISSING)
+        """Subscribe (live delivery starts), then replay what the client missed on each
+        topic, followed by the live stream with no gap and no repeat (ref §7.3, PROTOCOL
+        §13.4-13.5, F8).
+
+        Returns ``{"recovered", "topics": {topic: {"epoch", "offset", "recoverable",
+        "recovered", "count"}}}``. With ``recover`` true, ``epoch``/``offset`` (the last
+        offset the client has) apply to every topic, as in the original; ``positions``
+        (an extension, F10) gives each topic its own ``(epoch, offset)`` (or
+        ``{"epoch", "offset"}``) instead. A
+        non-string epoch is a TypeError and an offset outside ``[0, 2**64 - 1]`` an
+        OverflowError, before anything happens (the original's argument conversion); an
+        epoch that is not hex raises ``RuntimeError("Invalid epoch hex string: ...")``
+        after the live subscription, like the original.
+        """
+        if isinstance(topics, str):
+            raise TypeError("topics must be a list of strings, not a string")
+        wanted = list(topics)
+        if not all(isinstance(t, str) for t in wanted):
+            raise TypeError("topics must be a list of strings")
+        requested: dict[str, tuple[str | None, int | None]] = {}
+        if recover:
+            if positions is not None:
+                for topic, pos in positions.items():
+                    if isinstance(pos, Mapping):  # the wire form {"epoch", "offset"}
+                        requested[topic] = _position_args(pos.get("epoch"), pos.get("offset"))
+                    else:
+                        t_epoch, t_offset = pos
+                        requested[topic] = _position_args(t_epoch, t_offset)
+            elif epoch is not None and offset is not None:
+                requested = dict.fromkeys(wanted, _position_args(epoch, offset))
+        now = monotonic()
+        with self._lock:
+            try:
+                outcomes = self._core.subscribe_with_recovery(conn_id, wanted, requested, now=now)
+            except DecodeError as exc:
+                raise RuntimeError(exc.message) from None
+        return recovery_result(outcomes)
 
     def unsubscribe_connection(self, conn_id: str, topics: Iterable[str] | None = None) -> None:
         with self._lock:
@@ -556,24 +694,31 @@ class WSEServer:
         with self._lock:
             return self._core.get_queue_group_info(topic)
 
-    # ------------------------------------------------------------------ presence (later)
+    # ------------------------------------------------------------------ presence
 
     def presence(self, topic: str) -> dict[str, Any]:
-        """Members of ``topic``; empty while presence is disabled (as the original)."""
-        if self._presence_enabled:
-            raise NotImplementedError(PRESENCE_MISSING)
-        return {}
+        """``{user_id: {"data", "connections"}}`` of ``topic`` (PROTOCOL §14.3); empty
+        when presence is disabled (as the original)."""
+        with self._lock:
+            return self._core.presence(topic)
 
     def presence_stats(self, topic: str) -> dict[str, int]:
-        """``{"num_users", "num_connections"}``; zeros while presence is disabled."""
-        if self._presence_enabled:
-            raise NotImplementedError(PRESENCE_MISSING)
-        return {"num_users": 0, "num_connections": 0}
+        """``{"num_users", "num_connections"}`` (O(1)); zeros when disabled or unknown."""
+        with self._lock:
+            return self._core.presence_stats(topic)
 
     def update_presence(self, conn_id: str, data: Any) -> None:
-        """No-op while presence is disabled (as the original)."""
-        if self._presence_enabled:
-            raise NotImplementedError(PRESENCE_MISSING)
+        """Replace the connection's user's data on every topic it is present on; each
+        topic's subscribers get ``presence_update`` (ref §8). Raises the original's
+        ``RuntimeError`` when the data is too large or the connection unknown; a no-op
+        when presence is disabled."""
+        with self._lock:
+            try:
+                self._core.update_presence(conn_id, data)
+            except LocalProtocolError as exc:
+                if exc.message == UPDATE_FAILED:
+                    raise RuntimeError(UPDATE_FAILED) from None
+                raise TypeError(f"presence data: {exc.message}") from None
 
     # ------------------------------------------------------------------ cluster (later)
 

@@ -71,6 +71,7 @@ caches when the application takes it is much cheaper (measured in bench/README.m
 """
 
 _HANDSHAKE = ConnectionState.HANDSHAKE
+_readv = getattr(os, "readv", None)  # POSIX only: elsewhere the early read is skipped
 
 
 class _Conn(asyncio.BufferedProtocol):
@@ -409,9 +410,11 @@ class AsyncioTransport(Transport):
         transport's own reader would see it. Any error or EOF is left to the transport,
         whose next read meets it again; with nothing to read this costs one syscall.
         """
+        if _readv is None:
+            return
         view = self._read_view
         try:
-            n = os.readv(sock.fileno(), (view,))
+            n = _readv(sock.fileno(), (view,))
         except OSError:
             return
         if n:
@@ -427,7 +430,7 @@ class AsyncioTransport(Transport):
             if self._pending and conn.state is not _HANDSHAKE:
                 self._pending.pop(c, None)
             self._after_input(c)
-            core.announce_inbound()  # after the write: waking the app must not delay it
+            core.announce_inbound()  # after the writes: waking the app must not delay them
 
     def _eof(self, c: _Conn) -> None:
         conn = c.conn

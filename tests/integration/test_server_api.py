@@ -92,14 +92,16 @@ def test_not_running_rules() -> None:
 
 def test_not_built_yet_features_raise_clearly() -> None:
     server = WSEServer("127.0.0.1", 0, presence_enabled=True)
-    with pytest.raises(NotImplementedError, match="recovery"):
-        server.subscribe_with_recovery("c", ["t"])
     with pytest.raises(NotImplementedError, match="cluster"):
         server.connect_cluster(["127.0.0.1:9999"])
-    with pytest.raises(NotImplementedError, match="presence"):
-        server.subscribe_connection("c", ["t"], presence_data={"a": 1})
-    with pytest.raises(NotImplementedError, match="presence"):
-        server.presence("t")
+    # recovery and presence are built (tests/integration/test_recovery_presence.py)
+    unknown = {"epoch": None, "offset": 0, "recoverable": False, "recovered": False, "count": 0}
+    assert server.subscribe_with_recovery("c", ["t"]) == {
+        "recovered": False,
+        "topics": {"t": unknown},
+    }
+    server.subscribe_connection("c", ["t"], presence_data={"a": 1})  # unknown id: no-op
+    assert server.presence("t") == {}
     assert server.cluster_connected() is False and server.cluster_peers_count() == 0
     assert "presence_topics" in server.health_snapshot()
     plain = WSEServer("127.0.0.1", 0)
