@@ -424,6 +424,31 @@ def test_custom_low_water_mark() -> None:
     assert net.core.inbound_resumable()
 
 
+def test_deep_queue_defers_parsing_without_changing_what_is_drained() -> None:
+    net = Net()
+    p = net.connect()
+    drain(net)
+    texts = [
+        json.dumps({"type": "m", "payload": {"i": i}} if i % 3 else {"t": "m", "p": i, "x": [i]})
+        for i in range(9000)
+    ]
+    for chunk in range(0, len(texts), 1000):  # several reads, as a transport would feed
+        for text in texts[chunk : chunk + 1000]:
+            p.client.send_text(text)
+        net.pump()
+    assert net.core._mode.deferred  # past the depth: later messages are queued as bytes
+    first = net.core.pop_inbound(5)
+    rest = net.core.pop_inbound(100_000)
+    assert not net.core._mode.deferred
+    want = [
+        {"t": "m", "p": {"i": i}} if i % 3 else {"t": "m", "p": i, "x": [i]} for i in range(9000)
+    ]
+    assert [e[0] for e in first + rest] == ["msg"] * 9000
+    assert {e[1] for e in first + rest} == {p.id}
+    assert [e[2] for e in first + rest] == want
+    assert net.core.metrics.messages_received == 9000
+
+
 def test_on_inbound_hook_fires_once_per_feed_with_events() -> None:
     net = Net()
     calls: list[int] = []

@@ -72,8 +72,10 @@ def test_join_frame_is_the_captured_form_and_reaches_every_kind_of_subscriber() 
         (TEXT, b'{"c":"WSE","p":{"data":{"a":[1],"status":"online"},"user_id":"alice"},'
          b'"t":"presence_join"}')
     ]  # fmt: skip
-    secret_raw = frames(net.core.data_to_send(secret.conn))
+    data = net.core.data_to_send(secret.conn)
+    secret_raw = frames(data)
     assert [op for op, _ in secret_raw] == [BINARY] and secret_raw[0][1][:2] == b"E:"
+    secret.client.receive_data(data, net.now)  # and it decrypts to the same event
     net.pump()
     want = [("presence_join", "alice", {"a": [1], "status": "online"})]
     for peer in (alice, glob, secret):
@@ -182,8 +184,9 @@ def test_update_errors_and_limits(caplog: pytest.LogCaptureFixture) -> None:
         net.core.subscribe(b.id, ["t"], presence_data={"ok": 2})  # over max_members
     assert "max_members" in caplog.text
     assert list(net.core.presence("t")) == ["alice"]
-    with pytest.raises(LocalProtocolError, match=UPDATE_FAILED.replace("(", r"\(").split(" (")[0]):
+    with pytest.raises(LocalProtocolError) as info:
         net.core.update_presence(a.id, {"blob": "x" * 30})
+    assert info.value.message == UPDATE_FAILED
     with pytest.raises(LocalProtocolError):
         net.core.update_presence("ghost", {"ok": 3})
     net.core.update_presence(b.id, {"ok": 4})  # a connection with no presence topic: nothing
@@ -277,7 +280,8 @@ OPS = st.lists(
 def test_wire_and_drain_tell_the_same_story(ops: list[tuple[Any, ...]]) -> None:
     """Whatever the order of joins, leaves, updates and disconnects (two users, several
     tabs), a glob watcher receives exactly the drain queue's events, in order, and
-    replaying them gives presence() (data and users) on every topic."""
+    replaying them gives presence()'s users on every topic (a later tab may replace the
+    data silently, ref §8, so only updates are checked for data)."""
     net = Net(pres_config())
     watcher = net.connect(token=make_token("watcher"))
     net.core.subscribe(watcher.id, ["*"])
@@ -319,7 +323,7 @@ def test_wire_and_drain_tell_the_same_story(ops: list[tuple[Any, ...]]) -> None:
                 assert (u in model) is (k == "presence_update")
                 model[u] = d
         members = net.core.presence(topic)
-        assert {u: m["data"] for u, m in members.items()} == model
+        assert set(members) == set(model)
         tabs = sum(m["connections"] for m in members.values())
         assert net.core.presence_stats(topic) == {"num_users": len(model), "num_connections": tabs}
 

@@ -789,30 +789,33 @@ def _expected(texts: list[str]) -> tuple[list[Any], int]:
     return events, pongs
 
 
-def _open_plain() -> ServerConnection:
+def _open_plain(deferred: bool = False) -> ServerConnection:
     conn, _, _ = make(jwt=None)
+    conn._mode.deferred = deferred  # what the hub sets while its queue is deep
     conn.receive_data(request(bearer=None), 0.0)
     conn.data_to_send()
     assert [type(e) for e in conn.events_received()] == [Connected]
     return conn
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.lists(_client_texts(), min_size=1, max_size=25))
-def test_text_fast_path_matches_the_general_route(texts: list[str]) -> None:
+@pytest.mark.parametrize("deferred", [False, True])
+@settings(max_examples=100, deadline=None)
+@given(texts=st.lists(_client_texts(), min_size=1, max_size=25))
+def test_text_fast_path_matches_the_general_route(deferred: bool, texts: list[str]) -> None:
     keys = [bytes([i, 7, 99, 200]) for i in range(len(texts))]
     frames = b"".join(masked(1, t.encode("utf-8"), k) for t, k in zip(texts, keys))
     expected, pongs = _expected(texts)
-    conn = _open_plain()
+    conn = _open_plain(deferred)
     conn.receive_data(frames, 1.0)
     got = [HelloReceived if isinstance(e, HelloReceived) else e for e in conn.events_received()]
     assert got == expected
     assert conn.data_to_send().count(b'"t":"PONG"') == pongs
     # The hub's route: compact items, resolved into the same drain tuples.
-    other = _open_plain()
+    other = _open_plain(deferred)
     other.receive_data(frames, 1.0)
     items, _ = other.take_items()
     messages = [i for i in items if isinstance(i, bytes | tuple)]
+    assert deferred or not any(isinstance(i, bytes) for i in messages)
     drained = resolve(other.conn_id, messages)
     want = [
         ("msg", other.conn_id, e.value)

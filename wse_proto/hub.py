@@ -24,9 +24,24 @@ Connections become visible to the app API and to broadcasts when their ``Connect
 event is processed, i.e. after ``server_ready`` was queued (reference §3.1), and stop
 being visible at ``ConnectionClosed``.
 
+Inbound queue: received messages arrive from the machine in its compact form (drain
+tuples, no event object per message; see :mod:`wse_proto.server`) and are queued as one
+batch per transport call, so a read of hundreds of messages costs one append;
+:meth:`ServerCore.pop_inbound` slices batches. While the queue is deep (a slow consumer)
+the machines queue JSON text unparsed (:class:`~wse_proto.server.InboundMode`) and
+``pop_inbound`` parses it: a backlog of bytes is far cheaper to hold than one of dicts.
+A transport may set ``defer_inbound_notice`` and call :meth:`ServerCore.announce_inbound`
+after its writes, so waking the application never delays the bytes for the peer.
+
 Fan-out (reference §2.4, decisions K3/F5): a publication is category-injected once,
 framed once as a text frame, and the same ``bytes`` object is queued on every plain
 subscriber; encrypted subscribers encrypt it themselves inside ``send_broadcast``.
+
+Recovery and presence (PROTOCOL §13-§14) live in :mod:`wse_proto.hub_recovery` and
+:mod:`wse_proto.hub_presence`; the core calls them at publication (stamp and store, the
+stored object is the one sent), subscription (replay in the same step, F8; presence join),
+unsubscription and unregistering (presence leave), for clients' ``subscription_update``
+recovery requests, and from :meth:`ServerCore.housekeeping` (TTL, presence sweep).
 """
 
 from __future__ import annotations
@@ -48,7 +63,7 @@ from .metrics import Gauges, Metrics, health_snapshot, prometheus_text
 from .presence import PresenceConfig
 from .ratelimit import DEDUP_WINDOW_SIZE, DedupWindow
 from .recovery import NOT_RECOVERABLE, RecoveryConfig, RecoveryOutcome
-from .server import ConnectionState, Pending, ServerConnection, resolve
+from .server import ConnectionState, InboundMode, Pending, ServerConnection, resolve
 from .topics import GlobPattern, TopicACL, compile_glob, is_glob, topic_bytes, valid_topic
 from .ws import binary_frame, text_frame
 
@@ -65,6 +80,8 @@ _OPEN: Final = ConnectionState.OPEN
 
 _GLOB_CACHE_MAX: Final = 4096
 """Topics whose glob matches are memoised; the cache is dropped when it grows past this."""
+_DEFER_DEPTH: Final = 8192
+"""Inbound queue depth from which connections queue JSON text unparsed (InboundMode)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,9 +221,11 @@ class ServerCore:
         # (one list per transport call and connection, as the machine hands them over,
         # in its compact form), so a burst costs one append here; pop_inbound slices
         # the batches and turns them into drain tuples (server.resolve).
-        self._inbound: deque[tuple[str, list[Pending]]] = deque()
+        # Entries: (conn_id, items, deferred): deferred batches may hold unparsed JSON.
+        self._inbound: deque[tuple[str, list[Pending], bool]] = deque()
         self._inbound_len = 0  # messages and lifecycle tuples queued, not yet popped
         self._inbound_head = 0  # items of the first batch already popped
+        self._mode = InboundMode()  # shared with every connection
         self._inbound_max = config.max_inbound_queue_size
         self._inbound_low = (
             config.inbound_low_water
@@ -315,6 +334,7 @@ class ServerCore:
             rand=self._rand,
             wall_ms=self._wall_ms,
             next_seq=self._next_seq,
+            inbound_mode=self._mode,
         )
         self._open[conn_id] = conn
         self.metrics.connections_accepted += 1
@@ -412,7 +432,7 @@ class ServerCore:
 
     def _push(self, cid: str, item: InboundEvent) -> None:
         """Queue a lifecycle tuple (connect/disconnect): never dropped, in either mode."""
-        self._inbound.append((cid, [item]))  # type: ignore[list-item]
+        self._inbound.append((cid, [item], False))  # type: ignore[list-item]
         self._inbound_len += 1
         self._inbound_added = True
         if self._inbound_len >= self._inbound_max and not self._drop_inbound:
@@ -435,9 +455,13 @@ class ServerCore:
                 if room <= 0:
                     return
                 items = items[:room]
-        self._inbound.append((cid, items))
+        # A batch made while deferral was on may hold bytes; the flag cannot have been
+        # switched on after the batch was made without being on now (pop clears it).
+        self._inbound.append((cid, items, self._mode.deferred))
         self._inbound_len += len(items)
         self._inbound_added = True
+        if self._inbound_len >= _DEFER_DEPTH:
+            self._mode.deferred = True
         if self._inbound_len >= self._inbound_max and not self._drop_inbound:
             self._inbound_paused = True
 
@@ -496,17 +520,21 @@ class ServerCore:
         need = min(max_count, total)
         self._inbound_len = total - need
         while need:
-            cid, batch = queue[0]
+            cid, batch, deferred = queue[0]
             left = len(batch) - head
             if left > need:
-                items += resolve(cid, batch[head : head + need])
+                part = batch[head : head + need]
+                items += resolve(cid, part) if deferred else part  # type: ignore[arg-type]
                 head += need
                 break
-            items += resolve(cid, batch[head:] if head else batch)
+            part = batch[head:] if head else batch
+            items += resolve(cid, part) if deferred else part  # type: ignore[arg-type]
             queue.popleft()
             head = 0
             need -= left
         self._inbound_head = head
+        if self._inbound_len < _DEFER_DEPTH // 2:
+            self._mode.deferred = False
         if self._inbound_paused and self._inbound_len <= self._inbound_low:
             self._inbound_paused = False
             if self.on_inbound_resumable is not None:

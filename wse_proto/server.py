@@ -29,12 +29,12 @@ Inbound hot path: a text frame starting with ``{`` is parsed straight from its b
 non-JSON text take the general route through :func:`wse_proto.codec.decode_client_text`.
 Received messages are kept in a compact form (:data:`Pending`) that the hub queues as is,
 without an event object per message: a drain tuple ``(kind, conn_id, value)`` (reference
-§10.4), or, for a JSON text message, its bytes. The machine parses those once to decide
-interception (§3.2) and drops the result; :func:`resolve` parses them again when the
-application takes them. Parsing twice costs less than queueing the parsed objects: the
-queue then holds flat bytes that the cyclic garbage collector never scans, and the dicts
-are created in the thread that consumes them, while still in its CPU cache (measured in
-bench/README.md). :meth:`ServerConnection.events_received` returns the public events.
+§10.4), or, while the hub's queue is deep (:class:`InboundMode`), the bytes of a JSON text
+message: the machine parses it anyway to decide interception (§3.2), drops the result, and
+:func:`resolve` parses it again when the application takes it. A parse costs less than
+keeping a backlog of parsed objects: bytes are a seventh of the memory and the cyclic
+garbage collector never scans them (bench/README.md). :meth:`ServerConnection.events_received`
+returns the public events either way.
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ __all__ = [
     "SERVER_TRANSITIONS",
     "ConnectionState",
     "DrainItem",
+    "InboundMode",
     "Input",
     "Pending",
     "ServerConfig",
@@ -256,6 +257,19 @@ def _parse_object(payload: bytes) -> Any:
     return obj
 
 
+class InboundMode:
+    """Shared by a hub and its connections: how received JSON objects are queued.
+
+    ``deferred`` is set by the hub while its inbound queue is deep; connections then queue
+    the text bytes (parsed by :func:`resolve` when taken) instead of the parsed value.
+    """
+
+    __slots__ = ("deferred",)
+
+    def __init__(self) -> None:
+        self.deferred = False
+
+
 def resolve(conn_id: str, items: list[Pending]) -> list[DrainItem]:
     """Drain tuples for messages of connection ``conn_id`` in compact form, in order.
 
@@ -296,6 +310,7 @@ class ServerConnection(_StateMachine):
         "_idle_deadline",
         "_last_limited",
         "_last_warning",
+        "_mode",
         "_next_ping",
         "_next_seq",
         "_now",
@@ -328,6 +343,7 @@ class ServerConnection(_StateMachine):
         rand: RandFn,
         wall_ms: WallClockMs,
         next_seq: Callable[[], int],
+        inbound_mode: InboundMode | None = None,
     ) -> None:
         super().__init__(SERVER_TRANSITIONS)
         self.config = config
@@ -335,6 +351,7 @@ class ServerConnection(_StateMachine):
         self._rand = rand
         self._wall_ms = wall_ms
         self._next_seq = next_seq
+        self._mode = inbound_mode if inbound_mode is not None else InboundMode()
         self._handshake: ServerHandshake | None = ServerHandshake()
         # Text frames are decoded once, in _on_text (decode_text raises the 1007 error).
         self._decoder = FrameDecoder(
@@ -552,6 +569,7 @@ class ServerConnection(_StateMachine):
 
     def _process_frames(self, now: float) -> None:
         decoder = self._decoder
+        cid = self.conn_id
         loads = orjson.loads
         while True:
             try:
@@ -562,6 +580,7 @@ class ServerConnection(_StateMachine):
             if not batch:
                 return
             add = self._events.append
+            deferred = self._mode.deferred
             active = False  # a data message arrived: the idle clock restarts (§6.3)
             for opcode, payload in batch:
                 if opcode == TEXT and self._open:
@@ -577,8 +596,12 @@ class ServerConnection(_StateMachine):
                             t = obj.get("t")
                             if type(t) is str and t in _INTERCEPTED:
                                 self._intercept(t, normalize_keys(obj))
-                            else:
+                            elif deferred:
                                 add(payload)  # parsed again by resolve(), see above
+                            else:
+                                if t is None or "p" not in obj:
+                                    obj = normalize_keys(obj)
+                                add(("msg", cid, obj))
                             continue
                     self._on_text(payload)
                     continue

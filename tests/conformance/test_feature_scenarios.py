@@ -1,7 +1,7 @@
 """The recovery and presence scenarios against a small server that implements them.
 
-WSEServer reports them "unsupported" until its recovery/presence work lands; this checks
-that the scenarios pass against a spec-following server and fail against defects.
+WSEServer passes them too (test_server_mode.py); this checks the scenarios themselves:
+they pass against an independent spec-following server and fail against defects.
 """
 
 from __future__ import annotations

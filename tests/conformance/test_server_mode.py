@@ -23,7 +23,7 @@ FEATURE_SCENARIOS = {
     "presence-join-leave",
     "presence-update-query",
 }
-"""Need server features that are still being built: pass when present, else unsupported."""
+"""Recovery and presence scenarios: the reference server enables both, so they must pass."""
 
 KNOWN_WARNINGS = {
     # ServerConnection answers an oversized message with a status-less Close; PROTOCOL
@@ -35,12 +35,9 @@ KNOWN_WARNINGS = {
 def test_every_supported_scenario_passes(reference_server: WSEServer) -> None:
     results = run_server_kit(url_of(reference_server.port))
     assert set(results) == {s.id for s in SERVER_SCENARIOS}
+    assert set(results) >= FEATURE_SCENARIOS  # present, and below: each one passes
     for sid, result in results.items():
-        if sid in FEATURE_SCENARIOS:
-            assert result.outcome in (Outcome.PASS, Outcome.UNSUPPORTED), explain(results)
-            if result.outcome is Outcome.UNSUPPORTED:
-                assert result.details[0].startswith("not supported by the server under test")
-        elif sid in KNOWN_WARNINGS:
+        if sid in KNOWN_WARNINGS:
             assert result.outcome in (Outcome.PASS, Outcome.WARN), explain(results)
             if result.outcome is Outcome.WARN:
                 assert KNOWN_WARNINGS[sid] in " ".join(result.details)
