@@ -60,7 +60,7 @@ from .events import AuthRejected, Connected, ConnectionClosed, Event
 from .hub_presence import HubPresence
 from .hub_recovery import HubRecovery, Position
 from .metrics import Gauges, Metrics, health_snapshot, prometheus_text
-from .presence import PresenceConfig
+from .presence import PresenceConfig, PresenceEvent
 from .ratelimit import DEDUP_WINDOW_SIZE, DedupWindow
 from .recovery import NOT_RECOVERABLE, RecoveryConfig, RecoveryOutcome
 from .server import ConnectionState, InboundMode, Pending, ServerConnection, resolve
@@ -244,6 +244,13 @@ class ServerCore:
         self.on_inbound_resumable: Callable[[], None] | None = None
         """Called by :meth:`pop_inbound` when a queue that was full drains to the low-water
         mark, so a transport in another thread can resume reading."""
+        self.on_interest: Callable[[str, bool], None] | None = None
+        """Cluster glue (hub_cluster.py): called with ``(topic, True)`` for every new
+        fan-out subscription and ``(topic, False)`` for every one dropped (CLUSTER §8.3:
+        counted per connection subscription; queue groups create no interest)."""
+        self.on_presence_sync: Callable[[list[PresenceEvent]], None] | None = None
+        """Cluster glue: every batch of local presence events (the ``sync`` ones go to
+        peers, CLUSTER §8.6)."""
         # Output bookkeeping. A fan-out records its whole recipient map in _dirty_maps
         # (one entry per publication, merged at take_dirty) instead of one entry per
         # recipient; whoever leaves a map before the merge is added to _dirty directly.
@@ -801,6 +808,8 @@ class ServerCore:
                 if topic in member.topics:
                     continue
                 member.topics[topic] = None
+                if self.on_interest is not None:
+                    self.on_interest(topic, True)
                 if is_glob(topic):
                     subs = self._globs.get(topic)
                     if subs is None:
@@ -855,6 +864,8 @@ class ServerCore:
             self._dirty[cid] = conn  # it may leave a recipient map still waiting in _dirty_maps
         for topic in topics:
             del member.topics[topic]
+            if self.on_interest is not None:
+                self.on_interest(topic, False)
             index = self._globs if is_glob(topic) else self._exact
             subs = index.get(topic)
             if subs is None:

@@ -118,10 +118,12 @@ class HubPresence:
         Returns whether drain tuples were queued (the caller announces them).
         """
         core = self._core
+        if events and core.on_presence_sync is not None:
+            core.on_presence_sync(events)  # the sync events go to cluster peers (§8.6)
         queued = False
         for ev in events:
             if not ev.notify:
-                continue  # cluster-only (sync) events: no cluster here yet
+                continue  # cluster-only (sync) events
             topic = ev.topic
             payload = envelope.presence_event(ev.kind, ev.user_id, ev.data)
             targets = core._targets(topic)
