@@ -435,13 +435,13 @@ def test_rate_limit_warning_then_rate_limited() -> None:
 # --------------------------------------------------------------------------- limits and close
 
 
-def test_oversize_message_gets_statusless_close() -> None:
+def test_oversize_message_gets_close_1009() -> None:
     pair = opened(max_message_size=1024)
     pair.client.send_text("x" * 1025)
     pair.pump()
     server, client = pair.take()
-    assert server == [ConnectionClosed(None, "message too large")]
-    assert client == [ConnectionClosed(None, "")]
+    assert server == [ConnectionClosed(1009, "message too large")]  # F12
+    assert client == [ConnectionClosed(1009, "message too large")]
     assert pair.server.wants_close
 
 

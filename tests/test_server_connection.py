@@ -31,6 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wse_proto import codec
+from wse_proto.ws import encode_close
 from wse_proto.auth import JWTConfig
 from wse_proto.config import ServerConfig
 from wse_proto.errors import LocalProtocolError, PayloadTooLarge
@@ -380,14 +381,16 @@ def test_no_jwt_configured_connects_with_cookies_and_no_server_ready() -> None:
 # --------------------------------------------------------------------------- limits
 
 
-def test_oversize_message_gets_statusless_close() -> None:
-    """Record 54/55: a text message of 1 MiB + 10 bytes -> Close without status."""
+def test_oversize_message_gets_close_1009() -> None:
+    """Record 54/55: a text message of 1 MiB + 10 bytes. The original answered with a
+    status-less Close (captured); we send 1009 (decision F12)."""
     conn, _, _ = open_with_ready(2)
     assert isinstance(conn.events_received()[0], Connected)
     conn.receive_data(masked(1, b"x" * (1_048_576 + 10)), 1.0)
-    assert conn.data_to_send() == server_frame(55) == b"\x88\x00"
+    assert server_frame(55) == b"\x88\x00"
+    assert conn.data_to_send() == encode_close(1009, "message too large")
     [closed] = conn.events_received()
-    assert closed == ConnectionClosed(None, "message too large")
+    assert closed == ConnectionClosed(1009, "message too large")
     assert isinstance(closed.error, PayloadTooLarge)
     assert conn.wants_close
 

@@ -756,10 +756,12 @@ class ServerCore:
 
     def _slow_consumer(self, conn: ServerConnection) -> None:
         """§6.4: a message for a backlogged connection is dropped and counted; with
-        ``slow_consumer_policy="disconnect"`` the connection is also closed (no status)."""
+        ``slow_consumer_policy="disconnect"`` the connection is also closed with 1013, so
+        the client reconnects and can recover (F16; a status-less Close would end a
+        wse-client session for good)."""
         self.metrics.slow_consumer_drops += 1
         if self._disconnect_slow and conn.state is _OPEN:
-            conn.close(None)
+            conn.close(1013, "slow consumer")
             self._closed_by_app(conn)
 
     # ------------------------------------------------------------------ app API: subscriptions

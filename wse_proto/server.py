@@ -625,15 +625,11 @@ class ServerConnection(_StateMachine):
     def _fail(self, exc: WSEError) -> None:
         """Fail the connection on a protocol error from the peer (RFC 6455 §7.1.7)."""
         if self.state is ConnectionState.OPEN:
-            if isinstance(exc, PayloadTooLarge):
-                # §6.4: the original answers oversize messages with a status-less Close.
-                self._write(_STATUSLESS_CLOSE)
-                code: int | None = None
-                reason = "message too large"
-            else:
-                code = exc.close_code or 1002
-                reason = _close_reason(exc)
-                self._write(encode_close(code, reason))
+            # F12: every violation gets its RFC 6455 status (1009 for an oversize message,
+            # where the original sent a status-less Close that wse-client takes as final).
+            code: int | None = exc.close_code or 1002
+            reason = "message too large" if isinstance(exc, PayloadTooLarge) else _close_reason(exc)
+            self._write(encode_close(code, reason))
             self._enter(Input.PEER_ERROR)
             self._emit_closed(code, reason, exc)
         else:

@@ -12,8 +12,8 @@ Inbound events are never dropped (decision F6): when the application falls behin
 transport stops reading until the queue drains below half, and clients slow down.
 
 Recovery (PROTOCOL §13) and presence (§14) live in the core; a housekeeping thread expires
-idle recovery buffers and runs the presence sweep. The cluster is not built yet: its
-methods raise ``NotImplementedError`` with a message naming it, never fail silently.
+idle recovery buffers and runs the presence sweep. Cluster links (``connect_cluster``)
+run on the asyncio/uvloop transport's loop under the same lock (``wse_server.cluster``).
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ from wse_proto.hub import CoreConfig, InboundEvent, ServerCore
 from wse_proto.presence import UPDATE_FAILED, PresenceConfig
 from wse_proto.recovery import MAX_OFFSET, RecoveryConfig, recovery_result
 from wse_proto.ws import encode_close
+from wse_server.cluster import ServerCluster, check_cluster_args
 from wse_transports.base import Transport, get_transport
 
 __all__ = ["WSEServer"]
 
 log = logging.getLogger("wse_server")
 
-CLUSTER_MISSING = "cluster support is not built yet in wse-py"
+CLUSTER_TRANSPORTS = ("asyncio", "uvloop")
+CLUSTER_UNSUPPORTED = "cluster links need the asyncio or uvloop transport for now"
 
 STOP_GRACE = 2.0
 """Seconds ``stop()`` waits for clients to answer close 1001 (reference §10.3)."""
@@ -172,6 +174,7 @@ class WSEServer:
             max_data_size=presence_max_data_size, max_members=presence_max_members
         )
         self._presence_enabled = bool(presence_enabled)
+        self._cluster: ServerCluster | None = None
         connection = ServerConfig(
             max_message_size=max_message_size,
             ping_interval=ping_interval,
@@ -182,6 +185,7 @@ class WSEServer:
             handshake_timeout=handshake_timeout,
             recovery_enabled=bool(recovery_enabled),
             server_version=server_version,
+            cluster_connected=self.cluster_connected,
         )
         self._core_config = CoreConfig(
             max_connections=max_connections,
@@ -346,6 +350,9 @@ class WSEServer:
         transport = self._transport
         if transport is None:
             return
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            cluster.stop()  # SHUTDOWN to peers while the loop still runs (§10.3)
         loop = self._serving_loop
         if loop is not None:  # serving inside an application's event loop
             try:
@@ -361,6 +368,9 @@ class WSEServer:
         self._stopped()
 
     def _stopped(self) -> None:
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:  # the loop is gone: nothing more can be sent
+            cluster.detach()
         self._transport = None
         self._serving_loop = None
         self._stop_dispatcher()
@@ -388,6 +398,8 @@ class WSEServer:
         with self._lock:
             core = self._live_core()
             core.drain(close_code, close_reason)
+            if self._cluster is not None:
+                self._cluster.drain()  # DRAIN to peers (§10.3)
 
         def watch() -> None:
             deadline = monotonic() + timeout
@@ -580,14 +592,20 @@ class WSEServer:
             self._live_core().broadcast_local(topic, data, now=now)
 
     def broadcast(self, topic: str, data: str) -> None:
-        """Publish to ``topic``: local fan-out (the cluster copy comes with cluster support).
+        """Publish to ``topic``: local fan-out, then the same bytes (stamped when the topic
+        keeps recovery history) to the cluster peers that want it (CLUSTER §8.3-8.4).
 
         Like the original, before ``start()`` there is nobody to deliver to and the call
         silently does nothing.
         """
         now = monotonic()
         with self._lock:
-            if self.is_running():
+            if not self.is_running():
+                return
+            cluster = self._cluster
+            if cluster is not None:
+                cluster.glue.publish(topic, data, now)
+            else:
                 self._core.broadcast_local(topic, data, now=now)
 
     # ------------------------------------------------------------------ connections
@@ -720,7 +738,7 @@ class WSEServer:
                     raise RuntimeError(UPDATE_FAILED) from None
                 raise TypeError(f"presence data: {exc.message}") from None
 
-    # ------------------------------------------------------------------ cluster (later)
+    # ------------------------------------------------------------------ cluster
 
     def connect_cluster(
         self,
@@ -732,34 +750,85 @@ class WSEServer:
         seeds: list[str] | None = None,
         cluster_addr: str | None = None,
     ) -> None:
-        raise NotImplementedError(CLUSTER_MISSING)
+        """Join a cluster (spec/CLUSTER.md, reference §10.6): dial ``peers`` (or, with
+        ``seeds``, those seeds, announcing ``cluster_addr`` so the rest of the mesh finds
+        us), listen on ``0.0.0.0:cluster_port`` when given, mutual TLS when the three
+        paths are given. Returns once the listener is bound; links come up in the
+        background (``cluster_connected()``, ``cluster_info()``).
+        """
+        if self.transport_name not in CLUSTER_TRANSPORTS:
+            raise NotImplementedError(CLUSTER_UNSUPPORTED)
+        if self._cluster is not None:
+            raise RuntimeError("Cluster already connected")
+        transport = self._transport
+        loop = getattr(transport, "loop", None)
+        if transport is None or not transport.running or loop is None:
+            raise RuntimeError("Server not started")
+        tls = check_cluster_args((tls_cert, tls_key, tls_ca), seeds, cluster_addr)
+        cluster = ServerCluster(
+            self._core,
+            self._lock,
+            loop,
+            peers=list(seeds) if seeds else list(peers),
+            tls=tls,
+            cluster_port=cluster_port,
+            cluster_addr=cluster_addr,
+        )
+        cluster.start()
+        self._cluster = cluster
+
+    @property
+    def cluster_port(self) -> int:
+        """The cluster listener's port (the ephemeral one with ``cluster_port=0``), or 0."""
+        cluster = self._cluster
+        return cluster.transport.bound_port if cluster is not None else 0
 
     def reload_cluster_tls(self, cert_path: str, key_path: str, ca_path: str) -> None:
-        raise NotImplementedError(CLUSTER_MISSING)
+        """New certificate, key and CA for later cluster handshakes; links stay up."""
+        cluster = self._cluster
+        if cluster is None:
+            raise RuntimeError("Cluster not connected")
+        cluster.transport.reload_tls(cert_path, key_path, ca_path)
 
     def cluster_connected(self) -> bool:
-        """Always False until cluster support exists."""
-        return False
+        """Whether at least one cluster peer is linked (lock-free: read by server_hello)."""
+        cluster = self._cluster
+        return cluster is not None and cluster.connected
 
     def cluster_peers_count(self) -> int:
-        return 0
+        with self._lock:
+            cluster = self._cluster
+            return cluster.node.peer_count if cluster is not None else 0
 
     def cluster_info(self) -> list[dict[str, Any]]:
-        return []
+        """One ``{"address", "instance_id", "capabilities", "connected_at"}`` per peer."""
+        with self._lock:
+            cluster = self._cluster
+            return cluster.info() if cluster is not None else []
 
     def get_cluster_dlq_entries(self) -> list[dict[str, Any]]:
-        return []
+        """Drain the dead letters: ``{"topic", "payload", "peer_addr", "error"}`` dicts."""
+        with self._lock:
+            cluster = self._cluster
+            return cluster.glue.dead_letters() if cluster is not None else []
 
     # ------------------------------------------------------------------ observability
+
+    def _refresh_cluster_stats(self) -> None:
+        # Lock held.
+        if self._cluster is not None:
+            self._cluster.glue.refresh_stats()
 
     def health_snapshot(self) -> dict[str, Any]:
         """The original's health dict, same keys in the same order (§10.5)."""
         with self._lock:
+            self._refresh_cluster_stats()
             return self._core.health_snapshot(monotonic())
 
     def prometheus_metrics(self) -> str:
         """Prometheus text exposition with the original's metric names (§10.5)."""
         with self._lock:
+            self._refresh_cluster_stats()
             return self._core.prometheus_metrics(monotonic())
 
     # ------------------------------------------------------------------ native asyncio API
@@ -834,6 +903,12 @@ class WSEServer:
         if transport is None:
             return
         if self._serving_loop is asyncio.get_running_loop():
+            cluster, self._cluster = self._cluster, None
+            if cluster is not None:
+                try:
+                    await cluster.transport.stop(grace=STOP_GRACE)
+                finally:
+                    cluster.detach()
             await transport.stop_async(STOP_GRACE)
             self._stopped()
         else:

@@ -43,9 +43,62 @@ def reference_server_kwargs() -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="session")
-def reference_server() -> Iterator[WSEServer]:
-    server = WSEServer("127.0.0.1", 0, **reference_server_kwargs())
+TRANSPORTS = ("asyncio", "uvloop", "threading", "gevent")
+
+# gevent runs in its own monkey-patched process so the pytest process never imports it.
+_GEVENT_HOST = (
+    "from gevent import monkey; monkey.patch_all()\n"
+    "import sys\n"
+    "from wse_server.conformance.__main__ import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+class RemoteReference:
+    """The reference app in a subprocess; only its port is needed by the tests."""
+
+    def __init__(self, transport: str) -> None:
+        kw = reference_server_kwargs()
+        argv = [
+            "serve-reference-app",
+            "--port", "0",
+            "--jwt-secret", SECRET.decode(),
+            "--rate-limit-capacity", str(kw["rate_limit_capacity"]),
+            "--rate-limit-refill", str(kw["rate_limit_refill"]),
+            "--ping-interval", str(kw["ping_interval"]),
+            "--idle-timeout", str(kw["idle_timeout"]),
+            "--transport", transport,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _GEVENT_HOST, *argv],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # blocks until the app is listening (or exits)
+        if "listening on" not in line:
+            self.close()
+            raise RuntimeError(f"reference app did not start: {line!r}")
+        self.port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session", params=TRANSPORTS)
+def reference_server(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Our server running the reference app, once per transport."""
+    if request.param == "gevent":
+        remote = RemoteReference("gevent")
+        yield remote
+        remote.close()
+        return
+    server = WSEServer("127.0.0.1", 0, transport=request.param, **reference_server_kwargs())
     app = ReferenceApp(server, presence_enabled=True)
     server.start()
     app.start()

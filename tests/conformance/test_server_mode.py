@@ -25,11 +25,8 @@ FEATURE_SCENARIOS = {
 }
 """Recovery and presence scenarios: the reference server enables both, so they must pass."""
 
-KNOWN_WARNINGS = {
-    # ServerConnection answers an oversized message with a status-less Close; PROTOCOL
-    # §2.6/§12 (F12) say 1009. Recorded in spec/CONFORMANCE.md; remove once fixed.
-    "oversized-message": "Close 1009 (F12), got Close None",
-}
+KNOWN_WARNINGS: dict[str, str] = {}
+"""Scenarios our server may pass with a recorded warning (none at present)."""
 
 
 def test_every_supported_scenario_passes(reference_server: WSEServer) -> None:

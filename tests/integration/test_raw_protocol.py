@@ -188,7 +188,7 @@ def test_inbound_kinds_and_client_close_echo(server: AnyServer) -> None:
         ws.close()
 
 
-def test_oversized_message_statusless_close(server_factory: Callable[..., AnyServer]) -> None:
+def test_oversized_message_close_1009(server_factory: Callable[..., AnyServer]) -> None:
     server = server_factory(max_message_size=1024)
     for fragments in (False, True):
         ws = RawWS(server.port, token=make_token())
@@ -200,7 +200,7 @@ def test_oversized_message_statusless_close(server_factory: Callable[..., AnySer
             else:
                 ws.send_text("z" * 2000)
             code, reason, _ = ws.recv_close()
-            assert (code, reason) == (None, "")  # §6.4: Close without a status
+            assert (code, reason) == (1009, "message too large")  # F12
             ws.expect_eof()
         finally:
             ws.close()

@@ -92,8 +92,8 @@ def test_not_running_rules() -> None:
 
 def test_not_built_yet_features_raise_clearly() -> None:
     server = WSEServer("127.0.0.1", 0, presence_enabled=True)
-    with pytest.raises(NotImplementedError, match="cluster"):
-        server.connect_cluster(["127.0.0.1:9999"])
+    with pytest.raises(RuntimeError, match="not started"):
+        server.connect_cluster(["127.0.0.1:9999"])  # the original's error (ref §10.6)
     # recovery and presence are built (tests/integration/test_recovery_presence.py)
     unknown = {"epoch": None, "offset": 0, "recoverable": False, "recovered": False, "count": 0}
     assert server.subscribe_with_recovery("c", ["t"]) == {

@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--idle-timeout", type=float, default=60.0)
     r.add_argument("--log-level", default="WARNING")
+    r.add_argument(
+        "--transport",
+        default="asyncio",
+        help="WSEServer transport: asyncio, uvloop, threading or gevent (patch gevent first)",
+    )
     return parser
 
 
@@ -273,6 +278,7 @@ def _serve_reference_app(args: argparse.Namespace) -> int:
             idle_timeout=args.idle_timeout,
             recovery_enabled=True,
             presence_enabled=True,
+            transport=args.transport,
         )
         server.start()
     except (ValueError, OSError) as exc:
