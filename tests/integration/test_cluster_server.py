@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wse_client import AsyncWSEClient, ReconnectConfig, WSEEvent
+from wse_client import AsyncWSEClient, ReconnectConfig
 
 from wse_server import WSEServer
 
@@ -58,11 +58,12 @@ class Node:
             for kind, cid, value in self.server.drain_inbound(256, 20):
                 with self.lock:
                     self.events.append((kind, cid, value))
-                if kind == "msg" and isinstance(value, dict):
-                    p = value.get("p")
-                    if value.get("t") == "subscription_update" and isinstance(p, dict):
-                        if p.get("action") == "subscribe":
-                            self.server.subscribe_connection(cid, p["topics"])
+                if kind != "msg" or not isinstance(value, dict):
+                    continue
+                p = value.get("p")
+                wanted = value.get("t") == "subscription_update" and isinstance(p, dict)
+                if wanted and p.get("action") == "subscribe":
+                    self.server.subscribe_connection(cid, p["topics"])
 
     def conn_ids(self) -> list[str]:
         with self.lock:
@@ -196,9 +197,7 @@ def test_encrypted_client_on_a_remote_node_gets_e_frames(nodes: list[Node]) -> N
         plain = await subscribed_client(nodes[0], "ann", seen)
         secret = await subscribed_client(nodes[1], "eve", seen, encryption=True)
         frames = record_raw(secret)
-        await wait_for(
-            "the key exchange", lambda: secret._security and secret._security.is_enabled
-        )
+        await wait_for("the key exchange", lambda: secret._security and secret._security.is_enabled)
         nodes[0].join([nodes[1]])
         nodes[1].join([nodes[0]])
         await wait_for("the link", lambda: meshed(nodes))
