@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import random
 import struct
-import timeit
 from collections.abc import Callable
 
+from bench._timing import best, json_payloads
 from wse_proto.cluster import frames as cf
 
 FRAMES = 1000
@@ -23,17 +23,12 @@ HEADER = struct.Struct("<BBHI")
 
 
 def _payloads(rng: random.Random) -> list[bytes]:
-    out = []
-    for i in range(FRAMES):
-        size = rng.choice((40, 60, 90, 120, 200, 400))
-        body = b'{"c":"U","t":"price","p":{"i":%d,"pad":"' % i
-        out.append(body + b"x" * max(0, size - len(body) - 3) + b'"}}')
-    return out
+    return json_payloads(rng, FRAMES, b'{"c":"U","t":"price","p":{"i":%d,"pad":"')
 
 
 def _best(fn: Callable[[], object], number: int) -> float:
     """Seconds per call, best of REPEAT runs."""
-    return min(timeit.repeat(fn, number=number, repeat=REPEAT)) / number
+    return best(fn, number, REPEAT)
 
 
 def main() -> None:

@@ -26,9 +26,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.loadgen import Child, ChildError, cpu_seconds, raise_nofile, rss_kib, spawn_worker
+
+if TYPE_CHECKING:
+    from wse_server import WSEServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET_ENV = "WSE_BENCH_JWT_SECRET"
@@ -167,9 +170,11 @@ def _profile_threads() -> cProfile.Profile:
     return main
 
 
-def serve_wse(kind: str, profile_out: str | None) -> int:
-    """The WSE server process: ``WSEServer`` in drain mode plus :class:`WseApp`."""
-    main_prof = _profile_threads() if profile_out else None
+def start_wse_app(kind: str) -> tuple[WSEServer, WseApp]:
+    """Start ``WSEServer(transport=kind)`` in drain mode and its :class:`WseApp` thread.
+
+    Shared by this benchmark's and the transport benchmark's server processes.
+    """
     from wse_server import WSEServer
 
     raise_nofile(MAX_CONNECTIONS + 256)
@@ -186,6 +191,13 @@ def serve_wse(kind: str, profile_out: str | None) -> int:
     server.start()
     app = WseApp(server)
     app.thread.start()
+    return server, app
+
+
+def serve_wse(kind: str, profile_out: str | None) -> int:
+    """The WSE server process: ``WSEServer`` in drain mode plus :class:`WseApp`."""
+    main_prof = _profile_threads() if profile_out else None
+    server, app = start_wse_app(kind)
     emit(event="ready", port=server.port, pid=os.getpid(), kind=kind)
     if main_prof is not None:
         main_prof.enable()
@@ -529,9 +541,19 @@ def measure_latencies(servers: Sequence[Server], cfg: Settings) -> dict[tuple[st
     return out
 
 
-def measure_rss(kind: str, conns: int, secret: bytes, token: str) -> float:
-    """KiB of server RSS per idle (authenticated, subscribed) connection, fresh process."""
-    server = start_server(kind, secret, token)
+def measure_rss(
+    kind: str,
+    conns: int,
+    secret: bytes,
+    token: str,
+    start: Callable[[str, bytes, str], Server] | None = None,
+) -> float:
+    """KiB of server RSS per idle (authenticated, subscribed) connection, fresh process.
+
+    ``start`` launches the server (default: this module's ``start_server``), so the
+    transport benchmark measures its own servers the same way.
+    """
+    server = (start or start_server)(kind, secret, token)
     try:
         # Warm-up: the first connections load lazily imported code and fill caches.
         _sampled([server], {"mode": "connect", "path": "/", "count": 20, "warmup": 0})
@@ -804,30 +826,24 @@ def run(quick: bool, profile: bool = False, out: Callable[[str], None] = print) 
             except Exception as exc:  # one failure must not lose the whole table
                 res.notes.append(f"{figure} on {LABELS[kind]} failed: {str(exc)[:600]}")
 
+    def rate(s: Server, r: dict[str, Any], lost: str, cpu: str) -> float:
+        """Record a throughput run's loss and CPU split; return its rate."""
+        res.put(lost, s.kind, r["lost"])
+        res.cpu.setdefault(cpu, {})[s.kind] = (r["server_cpu"], r["loadgen_cpu"])
+        return float(r["rate"])
+
     try:
         for subs in cfg.fanout_subs:
 
             def fan(s: Server, subs: int = subs) -> float:
-                r = measure_fanout(s, subs, cfg)
-                res.put(f"fanlost{subs}", s.kind, r["lost"])
-                res.cpu.setdefault(f"fan-out {subs}", {})[s.kind] = (
-                    r["server_cpu"],
-                    r["loadgen_cpu"],
-                )
-                return float(r["rate"])
+                return rate(s, measure_fanout(s, subs, cfg), f"fanlost{subs}", f"fan-out {subs}")
 
             each(f"fanout{subs}", fan)
             out(f"   fan-out {subs} done ({time.monotonic() - t_start:.0f} s)")
         for conns in cfg.inbound_conns:
 
             def inb(s: Server, conns: int = conns) -> float:
-                r = measure_inbound(s, conns, cfg)
-                res.put(f"loss{conns}", s.kind, r["lost"])
-                res.cpu.setdefault(f"inbound {conns}", {})[s.kind] = (
-                    r["server_cpu"],
-                    r["loadgen_cpu"],
-                )
-                return float(r["rate"])
+                return rate(s, measure_inbound(s, conns, cfg), f"loss{conns}", f"inbound {conns}")
 
             each(f"inbound{conns}", inb)
             out(f"   inbound {conns} done ({time.monotonic() - t_start:.0f} s)")

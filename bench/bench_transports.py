@@ -26,19 +26,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from bench.bench_server import (
-    MAX_CONNECTIONS,
     ROOT,
     SECRET_ENV,
     Server,
     Settings,
-    _sampled,
-    _workers,
     child_env,
     feasible_conns,
     make_token,
     measure_fanout,
+    measure_rss,
 )
-from bench.loadgen import Child, ChildError, raise_nofile, rss_kib
+from bench.loadgen import Child, ChildError
 
 KINDS = ("asyncio", "uvloop", "gevent", "threading")
 FANOUT_TARGETS = {"gevent": 0.7, "threading": 0.5}
@@ -70,23 +68,9 @@ def _stdin_lines(kind: str) -> Iterator[str]:
 
 def serve(kind: str) -> int:
     """The server process: ``WSEServer(transport=kind)`` and ``bench_server.WseApp``."""
-    from bench.bench_server import WseApp, emit
-    from wse_server import WSEServer
+    from bench.bench_server import emit, start_wse_app
 
-    raise_nofile(MAX_CONNECTIONS + 256)
-    server = WSEServer(
-        "127.0.0.1",
-        0,
-        max_connections=MAX_CONNECTIONS,
-        jwt_secret=os.environ[SECRET_ENV].encode(),
-        ping_interval=3600,  # no heartbeat frames inside a measurement
-        idle_timeout=7200,
-        transport=kind,
-    )
-    server.enable_drain_mode()
-    server.start()
-    app = WseApp(server)
-    app.thread.start()
+    server, app = start_wse_app(kind)
     patched = "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched(
         "threading"
     )
@@ -129,30 +113,6 @@ def start_server(kind: str, secret: bytes, token: str) -> Server:
 # =============================================================================== figures
 
 
-def measure_rss(kind: str, conns: int, secret: bytes, token: str) -> float:
-    """KiB of server RSS per idle (authenticated, subscribed) connection, fresh process."""
-    server = start_server(kind, secret, token)
-    try:
-        # Warm-up: the first connections load lazily imported code and fill caches.
-        _sampled([server], {"mode": "connect", "path": "/", "count": 20, "warmup": 0})
-        time.sleep(0.3)
-        before = rss_kib(server.child.pid)
-        workers = _workers(server, "idle", conns, concurrency=100, open_seconds=120.0)
-        try:
-            server.child.send(cmd="wait_subs", n=conns, timeout=60.0)
-            got = int(server.child.expect("subs", 70.0)["n"])
-            if got < conns:
-                raise ChildError(f"only {got} of {conns} idle connections registered")
-            time.sleep(0.5)
-            after = rss_kib(server.child.pid)
-        finally:
-            for w in workers:
-                w.stop(2.0, command={"cmd": "close"})
-        return (after - before) / conns
-    finally:
-        server.child.stop(5.0, command={"cmd": "stop"})
-
-
 def _ratio(value: float | None, base: float | None) -> float | None:
     if value is None or base is None or base <= 0:
         return None
@@ -188,7 +148,7 @@ def run(quick: bool, out: Callable[[str], None] = print) -> dict[str, dict[str, 
         out(f"   fan-out {subs} done ({time.monotonic() - t_start:.0f} s)")
     for kind in KINDS:
         try:
-            rows[kind]["rss"] = measure_rss(kind, rss_conns, secret, token)
+            rows[kind]["rss"] = measure_rss(kind, rss_conns, secret, token, start=start_server)
         except Exception as exc:
             notes.append(f"RSS on {kind} failed: {str(exc)[:400]}")
     out(f"   RSS done ({time.monotonic() - t_start:.0f} s)")

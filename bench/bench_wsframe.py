@@ -11,11 +11,11 @@ slicing each payload at known offsets and unmasking it (``apply_mask``), no pars
 from __future__ import annotations
 
 import random
-import timeit
 from collections.abc import Callable
 
 from wsproto.frame_protocol import Frame, FrameProtocol
 
+from bench._timing import best, json_payloads
 from wse_proto.ws import TEXT, FrameDecoder, apply_mask, encode_frame, text_frame
 
 FRAMES = 1000
@@ -23,17 +23,12 @@ REPEAT = 5
 
 
 def _payloads(rng: random.Random) -> list[bytes]:
-    out = []
-    for i in range(FRAMES):
-        size = rng.choice((40, 60, 90, 120, 200, 400))
-        body = b'{"t":"price","p":{"sym":"ES","i":%d,"pad":"' % i
-        out.append(body + b"x" * max(0, size - len(body) - 3) + b'"}}')
-    return out
+    return json_payloads(rng, FRAMES, b'{"t":"price","p":{"sym":"ES","i":%d,"pad":"')
 
 
 def _best(fn: Callable[[], object], number: int) -> float:
     """Seconds per call, best of REPEAT runs."""
-    return min(timeit.repeat(fn, number=number, repeat=REPEAT)) / number
+    return best(fn, number, REPEAT)
 
 
 def main() -> None:

@@ -199,6 +199,38 @@ def _close_frames(output: bytes) -> list[bytes]:
     return [payload for op, payload in dec.messages() if op == CLOSE]
 
 
+def _check_outcome(
+    conn: ServerConnection | ClientConnection,
+    state: ConnectionState,
+    kind: str,
+    target: ConnectionState,
+    close_queued: Callable[[bytes], bool],
+) -> None:
+    """After one input in ``state``: the state is ``target``, output and events agree with it,
+    and leaving OPEN on our own (not EOF or abort) queued a Close (``close_queued(out)``)."""
+    assert conn.state is target
+    assert conn.wants_close is (target is S.CLOSED)
+    out = conn.data_to_send()
+    events = conn.events_received()
+    closed = [e for e in events if isinstance(e, ConnectionClosed)]
+    if state is S.CLOSED:
+        assert out == b"" and events == []
+    elif target is not state and target in (S.CLOSING, S.CLOSED):
+        # Exactly one terminal event per connection: CLOSING already emitted it.
+        assert len(closed) == (0 if state is S.CLOSING else 1), events
+        if state is S.OPEN and kind not in ("eof", "abort"):
+            assert close_queued(out), out  # a Close was queued for the peer
+    else:
+        assert closed == []
+
+
+def _masked_close_last(out: bytes) -> bool:
+    """The client's output ends with a (masked) Close frame."""
+    dec = FrameDecoder(client_side=False, max_message_size=1 << 20)
+    dec.receive_data(out)
+    return [op for op, _ in dec.messages()][-1] == CLOSE
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     state=st.sampled_from(list(S)),
@@ -216,20 +248,7 @@ def test_server_every_state_input_pair(state: ConnectionState, kind: str, jwt: b
         assert conn.state is S.HANDSHAKE
         return
     apply_server(conn, kind)  # nothing else may raise
-    assert conn.state is target
-    assert conn.wants_close is (target is S.CLOSED)
-    out = conn.data_to_send()
-    events = conn.events_received()
-    closed = [e for e in events if isinstance(e, ConnectionClosed)]
-    if state is S.CLOSED:
-        assert out == b"" and events == []
-    elif target is not state and target in (S.CLOSING, S.CLOSED):
-        # Exactly one terminal event per connection: CLOSING already emitted it.
-        assert len(closed) == (0 if state is S.CLOSING else 1), events
-        if state is S.OPEN and kind not in ("eof", "abort"):
-            assert _close_frames(out), out  # a Close was queued for the peer
-    else:
-        assert closed == []
+    _check_outcome(conn, state, kind, target, lambda out: bool(_close_frames(out)))
     # After CLOSED every input is refused quietly.
     if conn.state is S.CLOSED:
         for other in SERVER_KINDS:
@@ -386,21 +405,7 @@ def test_client_every_state_input_pair(state: ConnectionState, kind: str) -> Non
         return
     c.apply(kind)
     target = expected_client(state, kind)
-    assert conn.state is target
-    assert conn.wants_close is (target is S.CLOSED)
-    out = conn.data_to_send()
-    events = conn.events_received()
-    closed = [e for e in events if isinstance(e, ConnectionClosed)]
-    if state is S.CLOSED:
-        assert out == b"" and events == []
-    elif target is not state and target in (S.CLOSING, S.CLOSED):
-        assert len(closed) == (0 if state is S.CLOSING else 1), events
-        if state is S.OPEN and kind not in ("eof", "abort"):
-            dec = FrameDecoder(client_side=False, max_message_size=1 << 20)
-            dec.receive_data(out)
-            assert [op for op, _ in dec.messages()][-1] == CLOSE  # masked Close queued
-    else:
-        assert closed == []
+    _check_outcome(conn, state, kind, target, _masked_close_last)
 
 
 @settings(max_examples=150, deadline=None)

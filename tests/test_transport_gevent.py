@@ -11,37 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.rawws import CLOSE, RawWS, upgrade_request
+from _cli import check_cli_sigterm
+from integration.rawws import RawWS, upgrade_request
 from integration.remote import GeventHost
 
 pytestmark = pytest.mark.loopback
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCH = "from gevent import monkey; monkey.patch_all()\n"
-
-
-def wait_for_sigterm_handler(pid: int, timeout: float = 10.0) -> None:
-    """The CLI prints its address before installing its SIGTERM handler; a SIGTERM sent in
-    between would kill it with the default action. Wait until the handler is in place."""
-    deadline = time.monotonic() + timeout
-    bit = 1 << (signal.SIGTERM - 1)
-    while True:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            caught = next(int(line.split()[1], 16) for line in fh if line.startswith("SigCgt:"))
-        if caught & bit:
-            return
-        assert time.monotonic() < deadline, "the CLI never installed its SIGTERM handler"
-        time.sleep(0.01)
 
 
 def _env() -> dict[str, str]:
@@ -211,25 +196,4 @@ def test_cli_transport_gevent(patched: bool) -> None:
         argv = [sys.executable, "-c", code]
     else:
         argv = [sys.executable, "-m", "wse_server", *args]
-    proc = subprocess.Popen(
-        argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on ws://127.0.0.1:" in line, line
-        ws = RawWS(int(line.rsplit(":", 1)[1].split("/")[0]))
-        assert ws.status_line.startswith("HTTP/1.1 101")
-        wait_for_sigterm_handler(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        code, _, _ = ws.recv_close()
-        assert code == 1001
-        ws.send(CLOSE, b"\x03\xe9")
-        ws.close()
-        assert proc.wait(15) == 0
-        assert proc.stderr is not None
-        assert "(gevent)" in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+    check_cli_sigterm(argv, _env(), "gevent")

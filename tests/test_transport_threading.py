@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import selectors
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.rawws import CLOSE, TEXT, RawWS, server_frame, upgrade_request
+from _cli import check_cli_sigterm
+from integration.rawws import TEXT, RawWS, server_frame, upgrade_request
 
 from wse_proto._defaults import monotonic, system_rand, wall_clock_ms
 from wse_proto.hub import CoreConfig, ServerCore
@@ -35,20 +35,6 @@ from wse_transports.threading import ThreadingTransport
 pytestmark = pytest.mark.loopback
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for_sigterm_handler(pid: int, timeout: float = 10.0) -> None:
-    """The CLI prints its address before installing its SIGTERM handler; a SIGTERM sent in
-    between would kill it with the default action. Wait until the handler is in place."""
-    deadline = time.monotonic() + timeout
-    bit = 1 << (signal.SIGTERM - 1)
-    while True:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            caught = next(int(line.split()[1], 16) for line in fh if line.startswith("SigCgt:"))
-        if caught & bit:
-            return
-        assert time.monotonic() < deadline, "the CLI never installed its SIGTERM handler"
-        time.sleep(0.01)
 
 
 def _open_idle(port: int, n: int) -> list[socket.socket]:
@@ -257,34 +243,11 @@ def test_importing_threading_never_imports_gevent() -> None:
 
 
 def test_cli_transport_threading() -> None:
-    proc = subprocess.Popen(
+    check_cli_sigterm(
         [sys.executable, "-m", "wse_server", "--transport", "threading", "--port", "0"],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "WSE_JWT_SECRET"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        {k: v for k, v in os.environ.items() if k != "WSE_JWT_SECRET"},
+        "threading",
     )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on ws://127.0.0.1:" in line, line
-        port = int(line.rsplit(":", 1)[1].split("/")[0])
-        ws = RawWS(port)
-        assert ws.status_line.startswith("HTTP/1.1 101")
-        wait_for_sigterm_handler(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        code, _, _ = ws.recv_close()
-        assert code == 1001
-        ws.send(CLOSE, b"\x03\xe9")
-        ws.close()
-        assert proc.wait(15) == 0
-        assert proc.stderr is not None
-        assert "(threading)" in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
 
 
 def test_accept_pauses_when_out_of_descriptors_and_resumes() -> None:

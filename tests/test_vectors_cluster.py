@@ -7,18 +7,16 @@ whole and one byte at a time (the result must not depend on the split).
 
 from __future__ import annotations
 
-import json
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _vectors import check_header, load
 
 from wse_proto import errors
 from wse_proto.cluster import frames as cf
 
-VECTORS = pathlib.Path(__file__).resolve().parent.parent / "spec" / "vectors"
-DOC: dict[str, Any] = json.loads((VECTORS / "cluster_frames.json").read_text(encoding="utf-8"))
+DOC = load("cluster_frames")
 
 _FIXED: dict[str, cf.Frame] = {
     "PING": cf.Ping(),
@@ -187,12 +185,7 @@ OPS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
 
 
 def test_vector_file_header() -> None:
-    assert DOC["format"] == "wse-test-vectors"
-    assert DOC["version"] == 1
-    assert DOC["name"] == "cluster_frames"
-    ids = [c["id"] for c in DOC["cases"]]
-    assert len(ids) == len(set(ids))
-    assert {c["op"] for c in DOC["cases"]} == set(OPS)
+    check_header(DOC, "cluster_frames", OPS)
 
 
 def test_every_frame_type_has_an_encode_vector() -> None:

@@ -9,17 +9,16 @@ from __future__ import annotations
 import datetime
 import decimal
 import json
-import pathlib
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _vectors import case_ids, check_case, check_header, load
 
-from wse_proto import envelope, errors
+from wse_proto import envelope
 
-VECTORS = pathlib.Path(__file__).resolve().parent.parent / "spec" / "vectors"
-DOC: dict[str, Any] = json.loads((VECTORS / "envelope.json").read_text(encoding="utf-8"))
+DOC = load("envelope")
 
 
 def from_tagged(value: Any) -> Any:
@@ -135,19 +134,10 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 def test_header() -> None:
-    assert DOC["format"] == "wse-test-vectors" and DOC["version"] == 1
-    assert DOC["name"] == "envelope"
-    ids = [c["id"] for c in DOC["cases"]]
-    assert len(ids) == len(set(ids))
-    assert {c["op"] for c in DOC["cases"]} == set(OPS), "every op has cases and a runner"
+    check_header(DOC, "envelope", OPS)
 
 
-@pytest.mark.parametrize("case", DOC["cases"], ids=lambda c: c["id"])
+@pytest.mark.parametrize("case", DOC["cases"], ids=case_ids(DOC))
 def test_vector(case: dict[str, Any]) -> None:
     run = OPS[case["op"]]
-    expected = case["expected"]
-    if "error" in expected:
-        with pytest.raises(getattr(errors, expected["error"])):
-            run(case["input"])
-        return
-    assert run(case["input"]) == expected
+    check_case(lambda: run(case["input"]), case["expected"])

@@ -6,19 +6,17 @@ taken from the captures. E: frames are decrypted with real AES-256-GCM.
 
 from __future__ import annotations
 
-import json
-import pathlib
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _vectors import case_ids, check_case, check_header, load
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from wse_proto import codec, errors
+from wse_proto import codec
 
-VECTORS = pathlib.Path(__file__).resolve().parent.parent / "spec" / "vectors"
-DOC: dict[str, Any] = json.loads((VECTORS / "frames.json").read_text(encoding="utf-8"))
+DOC = load("frames")
 
 
 def from_tagged(value: Any) -> Any:
@@ -105,20 +103,10 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 def test_header() -> None:
-    assert DOC["format"] == "wse-test-vectors" and DOC["version"] == 1
-    assert DOC["name"] == "frames"
-    ids = [c["id"] for c in DOC["cases"]]
-    assert len(ids) == len(set(ids))
-    assert {c["op"] for c in DOC["cases"]} == set(OPS), "every op has cases and a runner"
+    check_header(DOC, "frames", OPS)
 
 
-@pytest.mark.parametrize("case", DOC["cases"], ids=lambda c: c["id"])
+@pytest.mark.parametrize("case", DOC["cases"], ids=case_ids(DOC))
 def test_vector(case: dict[str, Any]) -> None:
     run = OPS[case["op"]]
-    expected = case["expected"]
-    if "error" in expected:
-        with pytest.raises(getattr(errors, expected["error"])) as info:
-            run(case["input"])
-        assert type(info.value).__name__ == expected["error"], "the most specific class"
-        return
-    assert run(case["input"]) == expected
+    check_case(lambda: run(case["input"]), case["expected"])

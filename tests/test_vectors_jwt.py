@@ -8,18 +8,16 @@ server (wse-server 2.5.1) with the same cases re-timed to the real clock.
 from __future__ import annotations
 
 import base64
-import json
-import pathlib
 from typing import Any
 
 import jwt as pyjwt
 import pytest
+from _vectors import case_ids, check_header, load
 from cryptography.hazmat.primitives import serialization
 
 from wse_proto import auth, errors
 
-VECTORS = pathlib.Path(__file__).resolve().parent.parent / "spec" / "vectors"
-DOC: dict[str, Any] = json.loads((VECTORS / "jwt.json").read_text(encoding="utf-8"))
+DOC = load("jwt")
 CASES: list[dict[str, Any]] = DOC["cases"]
 KEYS: dict[str, str] = next(c for c in CASES if c["op"] == "test_keys")["input"]["keys_text"]
 
@@ -149,14 +147,9 @@ RUNNERS = {
 
 
 def test_vector_file_header() -> None:
-    assert DOC["format"] == "wse-test-vectors"
-    assert DOC["version"] == 1
-    assert DOC["name"] == "jwt"
-    ids = [c["id"] for c in CASES]
-    assert len(ids) == len(set(ids))
-    assert {c["op"] for c in CASES} == set(RUNNERS)
+    check_header(DOC, "jwt", RUNNERS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=case_ids(DOC))
 def test_vector(case: dict[str, Any]) -> None:
     RUNNERS[case["op"]](case["input"], case["expected"])

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import pathlib
 from typing import Any
 
 import pytest
+from _vectors import case_ids, check_header, load
 
 from wse_proto import topics
 
-VECTORS = pathlib.Path(__file__).resolve().parent.parent / "spec" / "vectors"
-DOC: dict[str, Any] = json.loads((VECTORS / "topics.json").read_text(encoding="utf-8"))
+DOC = load("topics")
 CASES: list[dict[str, Any]] = DOC["cases"]
 
 
@@ -54,14 +52,9 @@ RUNNERS = {
 
 
 def test_vector_file_header() -> None:
-    assert DOC["format"] == "wse-test-vectors"
-    assert DOC["version"] == 1
-    assert DOC["name"] == "topics"
-    ids = [c["id"] for c in CASES]
-    assert len(ids) == len(set(ids))
-    assert {c["op"] for c in CASES} == set(RUNNERS)
+    check_header(DOC, "topics", RUNNERS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=case_ids(DOC))
 def test_vector(case: dict[str, Any]) -> None:
     RUNNERS[case["op"]](case["input"], case["expected"])

@@ -7,20 +7,15 @@ parse_close, decode_frames. Payloads may be given as ``payload_hex`` repeated
 
 from __future__ import annotations
 
-import json
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _vectors import case_ids, check_case, check_header, load
 
 from wse_proto import errors, ws
 
-DOC: dict[str, Any] = json.loads(
-    (
-        pathlib.Path(__file__).resolve().parent.parent / "spec" / "vectors" / "websocket.json"
-    ).read_text(encoding="utf-8")
-)
+DOC = load("websocket")
 
 
 def _payload(inp: dict[str, Any]) -> bytes:
@@ -117,24 +112,13 @@ OPS: dict[str, Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]] = {
 
 
 def test_vector_file_header() -> None:
-    assert DOC["format"] == "wse-test-vectors"
-    assert DOC["version"] == 1
-    assert DOC["name"] == "websocket"
-    ids = [c["id"] for c in DOC["cases"]]
-    assert len(ids) == len(set(ids)), "case ids must be unique"
-    assert {c["op"] for c in DOC["cases"]} == OPS.keys()
+    check_header(DOC, "websocket", OPS)
 
 
-@pytest.mark.parametrize("case", DOC["cases"], ids=[c["id"] for c in DOC["cases"]])
+@pytest.mark.parametrize("case", DOC["cases"], ids=case_ids(DOC))
 def test_vector(case: dict[str, Any]) -> None:
     run = OPS[case["op"]]
     expected = case["expected"]
-    if "error" in expected:
-        cls = getattr(errors, expected["error"])
-        with pytest.raises(cls) as info:
-            run(case["input"], expected)
-        assert type(info.value) is cls
-        if "close_code" in expected:
-            assert info.value.close_code == expected["close_code"]
-        return
-    assert run(case["input"], expected) == expected
+    error = check_case(lambda: run(case["input"], expected), expected)
+    if error is not None and "close_code" in expected:
+        assert error.close_code == expected["close_code"]

@@ -350,9 +350,6 @@ class WSEServer:
         transport = self._transport
         if transport is None:
             return
-        cluster, self._cluster = self._cluster, None
-        if cluster is not None:
-            cluster.stop()  # SHUTDOWN to peers while the loop still runs (§10.3)
         loop = self._serving_loop
         if loop is not None:  # serving inside an application's event loop
             try:
@@ -361,6 +358,13 @@ class WSEServer:
                 current = None
             if current is loop:
                 raise RuntimeError("stop() would block the serving loop; use await aclose()")
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            try:
+                cluster.stop()  # SHUTDOWN to peers while the loop still runs (§10.3)
+            except Exception:  # the clients must still be closed
+                log.exception("stopping the cluster links failed")
+        if loop is not None:
             future = asyncio.run_coroutine_threadsafe(transport.stop_async(STOP_GRACE), loop)
             future.result(STOP_GRACE + 5.0)
         else:

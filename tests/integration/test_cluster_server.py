@@ -61,8 +61,12 @@ class Node:
                 if kind != "msg" or not isinstance(value, dict):
                     continue
                 p = value.get("p")
-                wanted = value.get("t") == "subscription_update" and isinstance(p, dict)
-                if wanted and p.get("action") == "subscribe":
+                if (
+                    value.get("t") == "subscription_update"
+                    and isinstance(p, dict)
+                    and p.get("action") == "subscribe"
+                    and cid is not None
+                ):
                     self.server.subscribe_connection(cid, p["topics"])
 
     def conn_ids(self) -> list[str]:
@@ -120,7 +124,7 @@ def record_raw(client: AsyncWSEClient) -> list[str | bytes]:
         frames.append(data)
         original(data)
 
-    manager._handle_raw_message = spy  # type: ignore[method-assign]
+    manager._handle_raw_message = spy
     return frames
 
 
@@ -270,6 +274,24 @@ def test_late_joiner_through_a_seed_links_to_everybody(nodes: list[Node]) -> Non
     assert all(len(ids) == 2 for ids in seen)
     assert len(set().union(*seen)) == 3  # each node sees the two others
     assert {e["address"] for e in late.server.cluster_info()} >= {first.addr}
+
+    # drain() sends DRAIN: peers stop routing publications to the draining node
+    def sent() -> int:
+        return int(first.server.health_snapshot()["cluster_messages_sent"])
+
+    before = sent()
+    first.server.broadcast(TOPIC, '{"t":"tick","p":{"n":1}}')
+    assert sent() - before == 2  # interest unknown yet: both peers get it (CLUSTER §8.3)
+    second.server.drain()
+    deadline = time.monotonic() + 3
+    while True:
+        before = sent()
+        first.server.broadcast(TOPIC, '{"t":"tick","p":{"n":2}}')
+        if sent() - before == 1:
+            break
+        assert time.monotonic() < deadline, "DRAIN did not stop the routing"
+        time.sleep(0.02)
+    assert first.server.cluster_peers_count() == 2  # the link stays up
 
 
 def test_mutual_tls_mesh_delivers(nodes: list[Node], tmp_path: Path) -> None:

@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
 from wse_proto import auth, envelope
@@ -29,7 +28,7 @@ from wse_proto.ws import BINARY, CLOSE, TEXT
 
 from . import vectors
 from .checks import describe, is_std_b64_point, json_equal, token_subject
-from .core import Fail, Outcome, Scenario, ScenarioContext, Unsupported
+from .core import Fail, Outcome, Scenario, ScenarioContext, Unsupported, scenario_decorator
 from .refserver import RefServer, RefSession, SessionPolicy, random_epoch
 
 __all__ = [
@@ -65,22 +64,7 @@ SHOULD_FRAME_CASES = frozenset({"decode-non-minimal-length"})
 CLIENT_SCENARIOS: list[Scenario] = []
 
 
-def scenario(
-    id: str,
-    section: str,
-    description: str,
-    *,
-    needs: Iterable[str] = (),
-    vectors: Iterable[str] = (),
-    timeout: float = 60.0,
-) -> Callable[[Callable[[ClientModeContext], Any]], Callable[[ClientModeContext], Any]]:
-    def register(fn: Callable[[ClientModeContext], Any]) -> Callable[[ClientModeContext], Any]:
-        CLIENT_SCENARIOS.append(
-            Scenario(id, description, section, fn, frozenset(needs), tuple(vectors), timeout)
-        )
-        return fn
-
-    return register
+scenario = scenario_decorator(CLIENT_SCENARIOS, default_timeout=60.0)
 
 
 def make_token() -> str:
@@ -587,54 +571,47 @@ async def _run_decode(ctx: ClientModeContext, group: str) -> None:
     ctx.must(not problems, "; ".join(problems))
 
 
-@scenario(
-    "decode-text",
-    "§6.5, §6.2, §4.6",
-    "text frames: JSON, legacy prefixes (category), t/p fallbacks, stamps",
-    vectors=("frames:decode_server_message",),
+_DECODE_SCENARIOS = (
+    # (id, vector group, section, description)
+    (
+        "decode-text",
+        "text",
+        "§6.5, §6.2, §4.6",
+        "text frames: JSON, legacy prefixes (category), t/p fallbacks, stamps",
+    ),
+    (
+        "decode-binary-json",
+        "binary-json",
+        "§6.5, §6.1",
+        "send_event output: JSON in a binary frame",
+    ),
+    (
+        "decode-zlib",
+        "zlib",
+        "§6.5, §10.1",
+        "C: + zlib (any level, raw deflate, trailing bytes) and raw zlib frames",
+    ),
+    ("decode-msgpack", "msgpack", "§6.5, §10.2", "M: + msgpack and raw msgpack binary frames"),
+    (
+        "decode-batch",
+        "batch",
+        "§4.7, §6.5",
+        "batches are expanded into their messages (prefix category inherited)",
+    ),
 )
-async def decode_text(ctx: ClientModeContext) -> None:
-    await _run_decode(ctx, "text")
 
 
-@scenario(
-    "decode-binary-json",
-    "§6.5, §6.1",
-    "send_event output: JSON in a binary frame",
-    vectors=("frames:decode_server_message",),
-)
-async def decode_binary_json(ctx: ClientModeContext) -> None:
-    await _run_decode(ctx, "binary-json")
+def _decode_scenario(id: str, group: str, section: str, description: str) -> None:
+    """Register the scenario that replays one group of decode vectors."""
+
+    async def run(ctx: ClientModeContext) -> None:
+        await _run_decode(ctx, group)
+
+    scenario(id, section, description, vectors=("frames:decode_server_message",))(run)
 
 
-@scenario(
-    "decode-zlib",
-    "§6.5, §10.1",
-    "C: + zlib (any level, raw deflate, trailing bytes) and raw zlib frames",
-    vectors=("frames:decode_server_message",),
-)
-async def decode_zlib(ctx: ClientModeContext) -> None:
-    await _run_decode(ctx, "zlib")
-
-
-@scenario(
-    "decode-msgpack",
-    "§6.5, §10.2",
-    "M: + msgpack and raw msgpack binary frames",
-    vectors=("frames:decode_server_message",),
-)
-async def decode_msgpack(ctx: ClientModeContext) -> None:
-    await _run_decode(ctx, "msgpack")
-
-
-@scenario(
-    "decode-batch",
-    "§4.7, §6.5",
-    "batches are expanded into their messages (prefix category inherited)",
-    vectors=("frames:decode_server_message",),
-)
-async def decode_batch(ctx: ClientModeContext) -> None:
-    await _run_decode(ctx, "batch")
+for _row in _DECODE_SCENARIOS:
+    _decode_scenario(*_row)
 
 
 @scenario(

@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "KIT_VERSION",
@@ -78,6 +78,56 @@ class Scenario:
     needs: frozenset[str] = frozenset()
     vectors: tuple[str, ...] = ()
     timeout: float = 30.0
+
+
+async def read_until_eof(reader: asyncio.StreamReader, on_bytes: Callable[[bytes], None]) -> None:
+    """Feed everything ``reader`` yields to ``on_bytes``; a reset or socket error ends it
+    like EOF does (the kit's peers may misbehave on purpose)."""
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            on_bytes(data)
+    except (ConnectionError, OSError):
+        pass
+
+
+def split_head(buffer: bytes) -> tuple[bytes, bytes] | None:
+    """``(HTTP head with its blank line, what follows)``, or None while the head is incomplete."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    return buffer[: end + 4], buffer[end + 4 :]
+
+
+_Run = TypeVar("_Run", bound=Callable[..., Any])
+
+
+def scenario_decorator(
+    registry: list[Scenario], default_timeout: float
+) -> Callable[..., Callable[[_Run], _Run]]:
+    """The ``@scenario(id, section, description, ...)`` decorator of one mode: it appends
+    each decorated coroutine function, in definition order, to ``registry``."""
+
+    def scenario(
+        id: str,
+        section: str,
+        description: str,
+        *,
+        needs: Iterable[str] = (),
+        vectors: Iterable[str] = (),
+        timeout: float = default_timeout,
+    ) -> Callable[[_Run], _Run]:
+        def register(fn: _Run) -> _Run:
+            registry.append(
+                Scenario(id, description, section, fn, frozenset(needs), tuple(vectors), timeout)
+            )
+            return fn
+
+        return register
+
+    return scenario
 
 
 @dataclass(slots=True)

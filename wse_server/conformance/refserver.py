@@ -44,7 +44,7 @@ from wse_proto.ws import (
     text_frame,
 )
 
-from .core import Fail
+from .core import Fail, read_until_eof, split_head
 
 __all__ = ["ClientFrame", "RefServer", "RefSession", "SessionPolicy"]
 
@@ -177,13 +177,7 @@ class RefSession:
 
     async def run(self) -> None:
         try:
-            while True:
-                data = await self._reader.read(65536)
-                if not data:
-                    break
-                self._on_bytes(data)
-        except (ConnectionError, OSError):
-            pass
+            await read_until_eof(self._reader, self._on_bytes)
         finally:
             self.eof = True
             self.eof_at = monotonic()
@@ -196,13 +190,13 @@ class RefSession:
         now = monotonic()
         if not self._head_done:
             self._head += data
-            end = self._head.find(b"\r\n\r\n")
-            if end < 0:
+            split = split_head(self._head)
+            if split is None:
                 if len(self._head) > _MAX_HEAD:
                     self.violation = "request head longer than 64 KiB"
                     self._close_socket()
                 return
-            head, data = self._head[: end + 4], self._head[end + 4 :]
+            head, data = split
             self._head_done = True
             probe = ServerHandshake()
             with contextlib.suppress(WSEError):

@@ -14,7 +14,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from wse_proto import auth
@@ -32,7 +32,7 @@ from .checks import (
     strip_stamp,
     token_subject,
 )
-from .core import Fail, Outcome, Scenario, ScenarioContext, Skip, Unsupported
+from .core import Fail, Outcome, Scenario, ScenarioContext, Skip, Unsupported, scenario_decorator
 from .wsclient import KitConnection, ServerFrame, Target
 
 __all__ = ["SERVER_SCENARIOS", "ServerModeContext"]
@@ -75,22 +75,7 @@ MAX_RATE_CAPACITY = 5000
 MAX_MESSAGE_PROBE = 16 * 1024 * 1024
 
 
-def scenario(
-    id: str,
-    section: str,
-    description: str,
-    *,
-    needs: Iterable[str] = (),
-    vectors: Iterable[str] = (),
-    timeout: float = 30.0,
-) -> Callable[[Callable[[ServerModeContext], Any]], Callable[[ServerModeContext], Any]]:
-    def register(fn: Callable[[ServerModeContext], Any]) -> Callable[[ServerModeContext], Any]:
-        SERVER_SCENARIOS.append(
-            Scenario(id, description, section, fn, frozenset(needs), tuple(vectors), timeout)
-        )
-        return fn
-
-    return register
+scenario = scenario_decorator(SERVER_SCENARIOS, default_timeout=30.0)
 
 
 def _tamper(token: str) -> str:

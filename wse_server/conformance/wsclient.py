@@ -24,7 +24,7 @@ from wse_proto.errors import WSEError
 from wse_proto.events import ConnectionClosed, Event, Hello, Ready, Received
 from wse_proto.ws import BINARY, CLOSE, TEXT, FrameDecoder, encode_frame, parse_close
 
-from .core import Fail, Unsupported
+from .core import Fail, Unsupported, read_until_eof, split_head
 
 __all__ = ["CONTROL_RESULT", "CONTROL_TYPE", "KitConnection", "ServerFrame"]
 
@@ -216,14 +216,7 @@ class KitConnection:
     async def _read_loop(self) -> None:
         reader = self._reader
         assert reader is not None
-        try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                self._on_bytes(data)
-        except (ConnectionError, OSError):
-            pass
+        await read_until_eof(reader, self._on_bytes)
         self.eof = True
         self.eof_at = monotonic()
         self.machine.receive_eof(monotonic())
@@ -234,15 +227,15 @@ class KitConnection:
         now = monotonic()
         if not self._head_done:
             self._head += data
-            end = self._head.find(b"\r\n\r\n")
-            if end < 0:
+            split = split_head(self._head)
+            if split is None:
                 if len(self._head) > _MAX_HEAD:
                     self.violation = "HTTP response head longer than 64 KiB"
                     self._decoder_failed = True
                     self._head_done = True
                 self._wake.set()
                 return
-            head, data = self._head[: end + 4], self._head[end + 4 :]
+            head, data = split
             self._head_done = True
             self._parse_head(head)
             self.machine.receive_data(head, now)
