@@ -289,6 +289,24 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def spawn_server(kind: str, argv: list[str], secret: bytes) -> tuple[Child, dict[str, Any]]:
+    """Run a server process (it reads the JWT secret from ``SECRET_ENV``); return it and its
+    ``ready`` line, or stop it and raise if that line does not come."""
+    env = child_env({SECRET_ENV: secret.decode()})
+    child = Child(argv, name=f"server-{kind}", cwd=str(ROOT), env=env)
+    try:
+        ready = child.expect("ready", 30.0)
+    except ChildError:
+        child.stop(1.0)
+        raise
+    return child, ready
+
+
+def auth_headers(token: str) -> list[list[str]]:
+    """The upgrade request's credentials: the token as cookie and as bearer."""
+    return [["Cookie", f"access_token={token}"], ["Authorization", f"Bearer {token}"]]
+
+
 def start_server(kind: str, secret: bytes, token: str, profile_out: str | None = None) -> Server:
     """Start one server subprocess and wait for its ``ready`` line."""
     if kind == "websockets":
@@ -297,15 +315,9 @@ def start_server(kind: str, secret: bytes, token: str, profile_out: str | None =
         argv = [sys.executable, "-m", "bench.bench_server", "--serve", kind]
         if profile_out:
             argv += ["--profile-out", profile_out]
-    env = child_env({SECRET_ENV: secret.decode()})
-    child = Child(argv, name=f"server-{kind}", cwd=str(ROOT), env=env)
-    try:
-        ready = child.expect("ready", 30.0)
-    except ChildError:
-        child.stop(1.0)
-        raise
+    child, ready = spawn_server(kind, argv, secret)
     # The same request bytes go to every server: the baseline ignores the credentials.
-    headers = [["Cookie", f"access_token={token}"], ["Authorization", f"Bearer {token}"]]
+    headers = auth_headers(token)
     if kind == "websockets":
         return Server(kind, child, int(ready["port"]), headers, "/echo", "echo")
     return Server(kind, child, int(ready["port"]), headers, "/", "pong")

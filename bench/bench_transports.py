@@ -26,17 +26,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from bench.bench_server import (
-    ROOT,
-    SECRET_ENV,
     Server,
     Settings,
-    child_env,
+    auth_headers,
     feasible_conns,
     make_token,
     measure_fanout,
     measure_rss,
+    spawn_server,
 )
-from bench.loadgen import Child, ChildError
+from bench.loadgen import ChildError
 
 KINDS = ("asyncio", "uvloop", "gevent", "threading")
 FANOUT_TARGETS = {"gevent": 0.7, "threading": 0.5}
@@ -96,18 +95,11 @@ def start_server(kind: str, secret: bytes, token: str) -> Server:
         argv = [sys.executable, "-c", code]
     else:
         argv = [sys.executable, "-m", "bench.bench_transports", "--serve", kind]
-    env = child_env({SECRET_ENV: secret.decode()})
-    child = Child(argv, name=f"server-{kind}", cwd=str(ROOT), env=env)
-    try:
-        ready = child.expect("ready", 30.0)
-    except ChildError:
-        child.stop(1.0)
-        raise
+    child, ready = spawn_server(kind, argv, secret)
     if kind == "gevent" and not ready.get("patched"):
         child.stop(1.0)
         raise ChildError("the gevent server process is not monkey-patched")
-    headers = [["Cookie", f"access_token={token}"], ["Authorization", f"Bearer {token}"]]
-    return Server(kind, child, int(ready["port"]), headers, "/", "pong")
+    return Server(kind, child, int(ready["port"]), auth_headers(token), "/", "pong")
 
 
 # =============================================================================== figures

@@ -44,7 +44,7 @@ def check_case(call: Callable[[], object], expected: dict[str, Any]) -> errors.W
     (returned, for further checks); anything else must equal what ``call`` returns.
     """
     if "error" in expected:
-        cls = getattr(errors, expected["error"])
+        cls: type[errors.WSEError] = getattr(errors, expected["error"])
         with pytest.raises(cls) as info:
             call()
         assert type(info.value) is cls, "the most specific class"

@@ -30,6 +30,7 @@ DEV_SECRET = b"wse-py-development-secret-not-for-production-use"
 DEV_TOKEN_TTL = 24 * 3600
 DEV_USER = "dev-user"
 SECRET_ENV = "WSE_JWT_SECRET"
+TLS_ENV = ("WSE_CLUSTER_TLS_CERT", "WSE_CLUSTER_TLS_KEY", "WSE_CLUSTER_TLS_CA")
 
 log = logging.getLogger("wse_server")
 
@@ -81,7 +82,42 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="development mode: embedded secret if none is configured, print a 24 h token",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="N >= 2: run N processes on the same port (SO_REUSEPORT, Linux) joined by a "
+        "loopback cluster; --cluster-port is then the base port (worker i: base+i)",
+    )
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    cl = p.add_argument_group(
+        "cluster",
+        f"TLS files may also come from ${TLS_ENV[0]}, ${TLS_ENV[1]}, ${TLS_ENV[2]} (all or none)",
+    )
+    cl.add_argument("--cluster-port", type=int, default=None, help="listen for peers (0.0.0.0)")
+    cl.add_argument("--cluster-peers", default=None, help="host:port,... peers to dial")
+    cl.add_argument(
+        "--cluster-seeds", default=None, help="host:port,... seeds (needs --cluster-addr)"
+    )
+    cl.add_argument("--cluster-addr", default=None, help="ip:port announced to the mesh")
+    cl.add_argument("--cluster-tls-cert", default=None, help="PEM certificate (mutual TLS)")
+    cl.add_argument("--cluster-tls-key", default=None, help="PEM private key")
+    cl.add_argument("--cluster-tls-ca", default=None, help="PEM CA that signs every peer")
     return p
+
+
+def _split(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def _cluster_tls(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
+    """TLS paths from the options, else from the environment; all three or none."""
+    paths = (args.cluster_tls_cert, args.cluster_tls_key, args.cluster_tls_ca)
+    if not any(paths):
+        paths = tuple(os.environ.get(name) or None for name in TLS_ENV)  # type: ignore[assignment]
+    if any(paths) and not all(paths):
+        raise ValueError("cluster TLS needs a certificate, a key and a CA (all or none)")
+    return paths
 
 
 def _load_secret(args: argparse.Namespace) -> bytes | None:
@@ -117,13 +153,26 @@ def _dev_banner(url: str, secret: bytes, token: str | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m wse_server`` and the ``wse-py-server`` script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    worker = args.worker_index
+    tag = "" if worker is None else f"w{worker} "
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
     )
     from . import WSEServer, rust_jwt_encode
+
+    try:
+        cluster_tls = _cluster_tls(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.workers > 1 and worker is None:
+        from .workers import supervise
+
+        return supervise(args, argv)
 
     try:
         secret = _load_secret(args)
@@ -153,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server = WSEServer(args.host, args.port, **kwargs)
+        if worker is not None:
+            from .workers import enable_reuse_port
+
+            enable_reuse_port(server)
         server.start()
     except (ValueError, OSError) as exc:
         for s, handler in previous.items():
@@ -161,9 +214,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     url = f"ws://{args.host}:{server.port}/wse"
-    print(f"wse-py server listening on {url}", flush=True)
+    if args.cluster_port is not None or args.cluster_peers or args.cluster_seeds:
+        try:
+            server.connect_cluster(
+                _split(args.cluster_peers),
+                *cluster_tls,
+                cluster_port=args.cluster_port,
+                seeds=_split(args.cluster_seeds) or None,
+                cluster_addr=args.cluster_addr,
+            )
+        except (RuntimeError, NotImplementedError, ValueError, OSError) as exc:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            server.stop()
+            print(f"error: cluster: {exc}", file=sys.stderr)
+            return 2
+        log.info("cluster: listening on port %d, peers %s", server.cluster_port, args.cluster_peers)
+    if worker is None:
+        print(f"wse-py server listening on {url}", flush=True)
+    else:
+        print(f"wse-py worker {worker} (pid {os.getpid()}) listening on {url}", flush=True)
     log.info("authentication: %s", f"JWT {algorithm}" if secret is not None else "off")
-    if args.dev and secret is not None:
+    if args.dev and secret is not None and not worker:
         token = None
         if algorithm == "HS256":
             claims: dict[str, Any] = {"sub": DEV_USER, "exp": int(time.time()) + DEV_TOKEN_TTL}
@@ -178,14 +250,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.demo:
         from .demo import DemoApp
 
-        demo = DemoApp(server)
+        if worker is None:
+            demo = DemoApp(server)
+        else:
+            from .workers import ClusterDemoApp
+
+            demo = ClusterDemoApp(server, publisher=worker == 0)
         demo.start()
         log.info("demo: topic 'demo' ticks every second, client messages are echoed")
 
+    parent = os.getppid()
     try:
         while not stop.wait(0.5):
             if not server.is_running():
                 log.error("server stopped unexpectedly")
+                return 1
+            if worker is not None and os.getppid() != parent:
+                log.error("supervisor is gone; stopping")
                 return 1
     finally:
         for s, handler in previous.items():

@@ -1,5 +1,6 @@
-"""Cluster links of one ``WSEServer``: a ClusterNode run by an AsyncioClusterTransport on
-the server's own event loop, under the server's lock (spec/CLUSTER.md §8, reference
+"""Cluster links of one ``WSEServer``: a ClusterNode run under the server's lock by an
+AsyncioClusterTransport on the server's event loop (asyncio/uvloop), or by a
+BlockingClusterTransport on the I/O side of the threading/gevent pump (spec/CLUSTER.md §8, reference
 §10.6 ``connect_cluster``). The glue to the core is :class:`wse_proto.hub_cluster.HubCluster`.
 """
 
@@ -15,7 +16,9 @@ from wse_proto.cluster import ClusterConfig, ClusterNode
 from wse_proto.hub import ServerCore
 from wse_proto.hub_cluster import HubCluster
 from wse_proto.presence import PresenceEvent
+from wse_transports._blocking import BlockingTransport
 from wse_transports.cluster_aio import AsyncioClusterTransport
+from wse_transports.cluster_blocking import BlockingClusterTransport
 from wse_transports.cluster_tls import ClusterTLS
 
 __all__ = ["ServerCluster", "check_cluster_args"]
@@ -44,13 +47,18 @@ def check_cluster_args(
 
 class ServerCluster:
     """Owns the node, the glue and the transport; started and stopped from any thread
-    except the loop's own (both block on it)."""
+    except the loop's own or the pump's I/O side (both block on it).
+
+    ``runner``: the asyncio transport's loop, or the running threading/gevent transport.
+    """
+
+    transport: AsyncioClusterTransport | BlockingClusterTransport
 
     def __init__(
         self,
         core: ServerCore,
         lock: threading.Lock,
-        loop: asyncio.AbstractEventLoop,
+        runner: asyncio.AbstractEventLoop | BlockingTransport,
         *,
         peers: list[str],
         tls: ClusterTLS | None,
@@ -58,7 +66,7 @@ class ServerCluster:
         cluster_addr: str | None,
         listen_host: str = "0.0.0.0",
     ) -> None:
-        self.loop = loop
+        self.loop = runner if isinstance(runner, asyncio.AbstractEventLoop) else None
         self.lock = lock
         rec = core._recovery
         pres = core._presence
@@ -73,15 +81,27 @@ class ServerCluster:
             recovery=rec.store if rec is not None else None,
             presence=pres.state if pres is not None else None,
         )
-        self.transport = AsyncioClusterTransport(
-            self.node,
-            lock,
-            listen_host=listen_host,
-            listen_port=cluster_port,
-            tls=tls,
-            on_deliver=self._deliver,
-            on_presence=self._presence,
-        )
+        if isinstance(runner, BlockingTransport):
+            self.transport = BlockingClusterTransport(
+                self.node,
+                lock,
+                runner,
+                listen_host=listen_host,
+                listen_port=cluster_port,
+                tls=tls,
+                on_deliver=self._deliver,
+                on_presence=self._presence,
+            )
+        else:
+            self.transport = AsyncioClusterTransport(
+                self.node,
+                lock,
+                listen_host=listen_host,
+                listen_port=cluster_port,
+                tls=tls,
+                on_deliver=self._deliver,
+                on_presence=self._presence,
+            )
         with lock:
             self.glue = HubCluster(core, self.node, monotonic, self.transport.wake)
 
@@ -96,6 +116,7 @@ class ServerCluster:
     # ------------------------------------------------------------------ lifecycle
 
     def _run(self, coro: Any, timeout: float) -> Any:
+        assert self.loop is not None
         try:
             current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -108,7 +129,11 @@ class ServerCluster:
     def start(self) -> None:
         """Bind the cluster listener and start dialing (raises the bind error)."""
         try:
-            self._run(self.transport.start(), START_TIMEOUT)
+            transport = self.transport
+            if isinstance(transport, BlockingClusterTransport):
+                transport.start()
+            else:
+                self._run(transport.start(), START_TIMEOUT)
         except BaseException:
             self.detach()
             raise
@@ -116,7 +141,11 @@ class ServerCluster:
     def stop(self, send_shutdown: bool = True) -> None:
         """SHUTDOWN to every peer (reference §10.3), then close every link."""
         try:
-            self._run(self.transport.stop(send_shutdown, grace=STOP_GRACE), STOP_GRACE + 5.0)
+            transport = self.transport
+            if isinstance(transport, BlockingClusterTransport):
+                transport.stop(send_shutdown, grace=STOP_GRACE)
+            else:
+                self._run(transport.stop(send_shutdown, grace=STOP_GRACE), STOP_GRACE + 5.0)
         finally:
             self.detach()
 

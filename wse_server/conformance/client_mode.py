@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from wse_proto import auth, envelope
@@ -541,10 +542,11 @@ def _send_case(session: RefSession, case: dict[str, Any]) -> None:
     session.send_bytes(data)
 
 
-async def _run_decode(ctx: ClientModeContext, group: str) -> None:
-    cases = decode_cases(group)
-    ctx.must(cases, f"kit error: no vectors in group {group!r}")
-    problems = []
+async def _replay(
+    ctx: ClientModeContext, cases: list[dict[str, Any]], problems: list[str]
+) -> AsyncIterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Send each case's frames on a fresh session and yield what the client echoed back;
+    a case whose sync fails is noted in ``problems`` and skipped."""
     for case in cases:
         session = await ctx.session()
         mark = len(session.frames)
@@ -554,7 +556,14 @@ async def _run_decode(ctx: ClientModeContext, group: str) -> None:
         except Fail as exc:
             problems.append(f"{case['id']}: {exc}")
             continue
-        echoes = ctx.echoes(session, mark, end)
+        yield case, ctx.echoes(session, mark, end)
+
+
+async def _run_decode(ctx: ClientModeContext, group: str) -> None:
+    cases = decode_cases(group)
+    ctx.must(cases, f"kit error: no vectors in group {group!r}")
+    problems: list[str] = []
+    async for case, echoes in _replay(ctx, cases, problems):
         expected = case["expected"]["events"]
         if len(echoes) != len(expected):
             problems.append(
@@ -621,18 +630,10 @@ for _row in _DECODE_SCENARIOS:
     vectors=("frames:decode_server_message",),
 )
 async def decode_robustness(ctx: ClientModeContext) -> None:
-    problems, extra = [], []
+    problems: list[str] = []
+    extra = []
     cases = decode_cases("robustness")
-    for case in cases:
-        session = await ctx.session()
-        mark = len(session.frames)
-        _send_case(session, case)
-        try:
-            end = await ctx.sync(session)
-        except Fail as exc:
-            problems.append(f"{case['id']}: {exc}")
-            continue
-        echoes = ctx.echoes(session, mark, end)
+    async for case, echoes in _replay(ctx, cases, problems):
         if echoes:
             extra.append(f"{case['id']} delivered {describe(echoes, 80)}")
     ctx.note(f"{len(cases)} undecodable frames sent")

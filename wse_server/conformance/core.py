@@ -93,12 +93,32 @@ async def read_until_eof(reader: asyncio.StreamReader, on_bytes: Callable[[bytes
         pass
 
 
-def split_head(buffer: bytes) -> tuple[bytes, bytes] | None:
-    """``(HTTP head with its blank line, what follows)``, or None while the head is incomplete."""
-    end = buffer.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    return buffer[: end + 4], buffer[end + 4 :]
+MAX_HEAD = 65536
+"""Longest HTTP head the kit's peers accept before calling it a violation."""
+
+
+class HeadBuffer:
+    """Collects an HTTP head across reads; the kit's peers split it off the bytes themselves
+    so they can judge the raw head before the frames after it."""
+
+    __slots__ = ("_data", "done")
+
+    def __init__(self) -> None:
+        self._data = b""
+        self.done = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
+        """``(head with its blank line, what follows)`` once complete (then ``done``), else None."""
+        self._data += data
+        end = self._data.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        self.done = True
+        return self._data[: end + 4], self._data[end + 4 :]
+
+    @property
+    def too_long(self) -> bool:
+        return len(self._data) > MAX_HEAD
 
 
 _Run = TypeVar("_Run", bound=Callable[..., Any])

@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,11 +44,10 @@ from wse_proto.ws import (
     text_frame,
 )
 
-from .core import Fail, read_until_eof, split_head
+from .core import Fail, HeadBuffer, read_until_eof
 
 __all__ = ["ClientFrame", "RefServer", "RefSession", "SessionPolicy"]
 
-_MAX_HEAD = 65536
 _ZERO_MASK = b"\x00\x00\x00\x00"
 PING_INTERVAL = 10.0
 
@@ -143,8 +142,7 @@ class RefSession:
         self.eof_at: float | None = None
         self.violation: str | None = None
         self.cursor = 0
-        self._head = b""
-        self._head_done = False
+        self._head = HeadBuffer()
         self._decoder = FrameDecoder(client_side=False, max_message_size=1 << 24)
         self._decoder_failed = False
         self._timer: asyncio.TimerHandle | None = None
@@ -188,16 +186,14 @@ class RefSession:
 
     def _on_bytes(self, data: bytes) -> None:
         now = monotonic()
-        if not self._head_done:
-            self._head += data
-            split = split_head(self._head)
+        if not self._head.done:
+            split = self._head.feed(data)
             if split is None:
-                if len(self._head) > _MAX_HEAD:
+                if self._head.too_long:
                     self.violation = "request head longer than 64 KiB"
                     self._close_socket()
                 return
             head, data = split
-            self._head_done = True
             probe = ServerHandshake()
             with contextlib.suppress(WSEError):
                 probe.receive_data(head)
@@ -341,17 +337,14 @@ class RefSession:
 
     async def wait(self, predicate: Callable[[], Any], what: str, timeout: float) -> Any:
         """Wait for ``predicate()`` to be truthy; Fail on timeout or when the session ends."""
-        deadline = monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if self.eof:
-                raise Fail(f"session {self.index}: the connection ended before {what}")
-            remaining = deadline - monotonic()
-            if remaining <= 0:
-                raise Fail(f"session {self.index}: no {what} within {timeout:g} s")
-            await self.server.changed_within(remaining)
+        return await _wait_until(
+            predicate,
+            what,
+            timeout,
+            self.server.changed_within,
+            label=f"session {self.index}: ",
+            ended=lambda: self.eof,
+        )
 
     def messages(self, since: int = 0) -> list[tuple[ClientFrame, dict[str, Any]]]:
         return [(f, m) for f in self.frames[since:] if (m := f.message) is not None]
@@ -480,15 +473,7 @@ class RefServer:
                 self._tasks.discard(task)
 
     async def wait(self, predicate: Callable[[], Any], what: str, timeout: float) -> Any:
-        deadline = monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            remaining = deadline - monotonic()
-            if remaining <= 0:
-                raise Fail(f"no {what} within {timeout:g} s")
-            await self.changed_within(remaining)
+        return await _wait_until(predicate, what, timeout, self.changed_within)
 
     async def next_session(self, after: int, timeout: float) -> RefSession:
         """The first session with index >= ``after`` once it is upgraded."""
@@ -501,6 +486,30 @@ class RefServer:
 
         session: RefSession = await self.wait(found, "new connection from the client", timeout)
         return session
+
+
+async def _wait_until(
+    predicate: Callable[[], Any],
+    what: str,
+    timeout: float,
+    changed_within: Callable[[float], Awaitable[None]],
+    *,
+    label: str = "",
+    ended: Callable[[], bool] = lambda: False,
+) -> Any:
+    """Re-check ``predicate()`` whenever the server reports a change; its first truthy value,
+    or Fail (``label`` first) when ``ended()`` or ``timeout`` seconds passed."""
+    deadline = monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if ended():
+            raise Fail(f"{label}the connection ended before {what}")
+        remaining = deadline - monotonic()
+        if remaining <= 0:
+            raise Fail(f"{label}no {what} within {timeout:g} s")
+        await changed_within(remaining)
 
 
 def random_epoch() -> str:

@@ -24,14 +24,13 @@ from wse_proto.errors import WSEError
 from wse_proto.events import ConnectionClosed, Event, Hello, Ready, Received
 from wse_proto.ws import BINARY, CLOSE, TEXT, FrameDecoder, encode_frame, parse_close
 
-from .core import Fail, Unsupported, read_until_eof, split_head
+from .core import Fail, HeadBuffer, Unsupported, read_until_eof
 
 __all__ = ["CONTROL_RESULT", "CONTROL_TYPE", "KitConnection", "ServerFrame"]
 
 CONTROL_TYPE = "conformance_control"
 CONTROL_RESULT = "conformance_control_result"
 
-_MAX_HEAD = 65536
 _SERVER_PING_PREFIX = b'{"c":"WSE","t":"ping"'
 T = TypeVar("T")
 
@@ -168,8 +167,7 @@ class KitConnection:
         self.violation: str | None = None
         """A framing violation by the server (masked frame, bad UTF-8 text, ...)."""
         self.cursor = 0
-        self._head = b""
-        self._head_done = False
+        self._head = HeadBuffer()
         self._decoder = FrameDecoder(client_side=True, max_message_size=1 << 26)
         self._decoder_failed = False
         self._reader: asyncio.StreamReader | None = None
@@ -225,18 +223,16 @@ class KitConnection:
 
     def _on_bytes(self, data: bytes) -> None:
         now = monotonic()
-        if not self._head_done:
-            self._head += data
-            split = split_head(self._head)
+        if not self._head.done:
+            split = self._head.feed(data)
             if split is None:
-                if len(self._head) > _MAX_HEAD:
+                if self._head.too_long:
                     self.violation = "HTTP response head longer than 64 KiB"
                     self._decoder_failed = True
-                    self._head_done = True
+                    self._head.done = True
                 self._wake.set()
                 return
             head, data = split
-            self._head_done = True
             self._parse_head(head)
             self.machine.receive_data(head, now)
             self.events.extend(self.machine.events_received())
