@@ -31,7 +31,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wse_proto import codec
-from wse_proto.ws import encode_close
 from wse_proto.auth import JWTConfig
 from wse_proto.config import ServerConfig
 from wse_proto.errors import LocalProtocolError, PayloadTooLarge
@@ -47,6 +46,7 @@ from wse_proto.events import (
     TextReceived,
 )
 from wse_proto.server import ConnectionState, ServerConnection, resolve
+from wse_proto.ws import encode_close
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "client-protocol.json"
 RECORDS: list[dict[str, Any]] = json.loads(DATA.read_text(encoding="utf-8"))["records"]

@@ -201,11 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server = WSEServer(args.host, args.port, **kwargs)
-        if worker is not None:
-            from .workers import enable_reuse_port
-
-            enable_reuse_port(server)
+        server = WSEServer(args.host, args.port, reuse_port=worker is not None, **kwargs)
         server.start()
     except (ValueError, OSError) as exc:
         for s, handler in previous.items():

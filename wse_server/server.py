@@ -123,6 +123,7 @@ class WSEServer:
         slow_consumer_policy: Literal["drop", "disconnect"] = "drop",
         handshake_timeout: float = 10.0,
         recovery_wire_handling: bool = True,
+        reuse_port: bool = False,
     ) -> None:
         if not isinstance(host, str):
             raise ValueError("host must be a str")
@@ -203,6 +204,13 @@ class WSEServer:
         )
         self._transport_cls, self._transport_options = get_transport(transport)
         self.transport_name = transport
+        if reuse_port:
+            # Several processes on one port (``--workers``); the asyncio listener supports it.
+            if transport not in ("asyncio", "uvloop"):
+                raise ValueError(
+                    f"reuse_port needs the asyncio or uvloop transport, not {transport}"
+                )
+            self._transport_options = {**self._transport_options, "reuse_port": True}
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)

@@ -10,12 +10,9 @@ The supervisor forwards SIGINT/SIGTERM to the workers by PID and waits for them.
 worker dies on its own, the supervisor logs it and stops the others: no restart loop (a
 process manager such as systemd is better placed to restart the whole group).
 
-SO_REUSEPORT: the asyncio transport binds with ``loop.create_server(host, port,
-reuse_address=True)`` and has no ``reuse_port``/``sock`` option, so a worker installs
-:class:`ReusePortTransport`, which adds ``reuse_port=True`` to that one call. The proper
-fix is a ``reuse_port`` transport option in ``wse_transports/asyncio.py``. The workers'
-cluster listeners bind 0.0.0.0 (``connect_cluster`` has no listen host yet): firewall them
-or use cluster TLS (the certificates must then name 127.0.0.1, the dialled host).
+SO_REUSEPORT: each worker is a ``WSEServer(..., reuse_port=True)``. The workers' cluster
+listeners bind 0.0.0.0 (``connect_cluster`` has no listen host yet): firewall them or use
+cluster TLS (the certificates must then name 127.0.0.1, the dialled host).
 """
 
 from __future__ import annotations
@@ -34,19 +31,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from wse_transports.asyncio import AsyncioTransport
-
 from .demo import DemoApp
 
 if TYPE_CHECKING:
-    import asyncio
-
     from .server import WSEServer
 
 __all__ = [
     "ClusterDemoApp",
-    "ReusePortTransport",
-    "enable_reuse_port",
     "free_port",
     "supervise",
     "worker_argv",
@@ -57,35 +48,6 @@ log = logging.getLogger("wse_server.workers")
 WORKER_TRANSPORTS = ("asyncio", "uvloop")
 STOP_GRACE = 10.0
 """Seconds the supervisor waits for the workers after SIGTERM before it kills them."""
-
-
-class ReusePortTransport(AsyncioTransport):
-    """The asyncio/uvloop transport with SO_REUSEPORT on its WebSocket listener only
-    (the cluster listener, on the same loop, keeps exclusive ports)."""
-
-    def _new_loop(self) -> asyncio.AbstractEventLoop:
-        loop = super()._new_loop()
-        original = loop.create_server
-        ws_port = self.port
-
-        async def create_server(
-            protocol_factory: Any, host: Any = None, port: Any = None, **kw: Any
-        ) -> Any:
-            if port == ws_port:
-                kw.setdefault("reuse_port", True)
-            return await original(protocol_factory, host, port, **kw)
-
-        loop.create_server = create_server  # type: ignore[method-assign]
-        return loop
-
-
-def enable_reuse_port(server: WSEServer) -> None:
-    """Make ``server`` (not started yet, asyncio or uvloop) bind with SO_REUSEPORT."""
-    if server.transport_name not in WORKER_TRANSPORTS:
-        raise ValueError(
-            f"--workers needs the asyncio or uvloop transport, not {server.transport_name}"
-        )
-    server._transport_cls = ReusePortTransport  # same package; see the module doc
 
 
 class ClusterDemoApp(DemoApp):

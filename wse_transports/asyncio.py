@@ -156,6 +156,7 @@ class AsyncioTransport(Transport):
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         pending_grace: float = PENDING_GRACE,
         backlog: int = 1024,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(core, lock, host=host, port=port)
         if loop not in ("asyncio", "uvloop"):
@@ -164,6 +165,8 @@ class AsyncioTransport(Transport):
         self.max_pending_handshakes = max_pending_handshakes
         self.pending_grace = pending_grace
         self.backlog = backlog
+        self.reuse_port = reuse_port
+        """SO_REUSEPORT on the WebSocket listener, so several processes share one port."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id: int | None = None
         self._thread: threading.Thread | None = None
@@ -268,6 +271,7 @@ class AsyncioTransport(Transport):
                 self.port,
                 backlog=self.backlog,
                 reuse_address=True,
+                reuse_port=self.reuse_port or None,
             )
         except BaseException as exc:  # bind error: reported, then raised to serve()'s caller
             self._loop = None
