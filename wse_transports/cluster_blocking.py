@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import math
 import socket
@@ -81,6 +82,7 @@ class _Link:
         "dead",
         "deadline",
         "dial_host",
+        "dial_rest",
         "early",
         "early_eof",
         "events",
@@ -109,6 +111,7 @@ class _Link:
         self.link_id: int | None = None
         self.remote = ""
         self.dial_host = ""  # dial: the host part, the name TLS checks
+        self.dial_rest: list[Any] = []  # dial: resolved addresses not tried yet
         self.connecting = False
         self.handshaking = False
         self.tls: ssl.SSLObject | None = None
@@ -254,6 +257,7 @@ class BlockingClusterTransport:
                     self._pump_locked()
             except BaseException as exc:
                 errors.append(exc)
+                self._close_listener()
             finally:
                 done.set()
 
@@ -770,21 +774,24 @@ class BlockingClusterTransport:
             return
         try:
             host, port = split_address(address)
-            infos = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
-            )
         except ValueError as exc:
             log.debug("cluster dial %s failed: %r", address, exc)
             self.dial_failures += 1
             self.node.connection_failed(link_id, monotonic())
             return
-        except socket.gaierror:  # a host name: resolve off the I/O side
-            self._dialing[link_id] = None
+        self._dialing[link_id] = None
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:  # a host name: resolve off the I/O side (getaddrinfo blocks)
             self.host.runtime.spawn(
                 lambda: self._resolve(link_id, address, host, port), "wse-cluster-resolve"
             )
             return
-        self._dialing[link_id] = None
+        # An IP literal needs no resolver (gevent's would switch greenlets here).
+        if ip.version == 4:
+            infos: list[Any] = [(socket.AF_INET, socket.SOCK_STREAM, 0, "", (host, port))]
+        else:
+            infos = [(socket.AF_INET6, socket.SOCK_STREAM, 0, "", (host, port, 0, 0))]
         self._connect(link_id, address, host, infos)
 
     def _resolve(self, link_id: int, address: str, host: str, port: int) -> None:
@@ -802,10 +809,18 @@ class BlockingClusterTransport:
 
         self._submit(go)
 
-    def _connect(self, link_id: int, address: str, host: str, infos: list[Any]) -> None:
+    def _connect(
+        self,
+        link_id: int,
+        address: str,
+        host: str,
+        infos: list[Any],
+        deadline: float | None = None,
+    ) -> None:
         # Lock held, I/O side; the node expects an answer for link_id in every case.
-        deadline = monotonic() + self.connect_timeout
-        for family, stype, proto, _, addr in infos:
+        if deadline is None:
+            deadline = monotonic() + self.connect_timeout
+        for i, (family, stype, proto, _, addr) in enumerate(infos):
             sock = socket.socket(family, stype, proto)
             sock.setblocking(False)
             _tune(sock)  # buffers before connecting, so the window scale fits
@@ -816,6 +831,7 @@ class BlockingClusterTransport:
             lk = _Link(self, sock, inbound=False)
             lk.remote = address
             lk.dial_host = host
+            lk.dial_rest = infos[i + 1 :]
             lk.connecting = True
             lk.deadline = deadline
             self._dialing[link_id] = lk
@@ -829,6 +845,12 @@ class BlockingClusterTransport:
     def _connected(self, lk: _Link) -> None:
         err = lk.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
+            link_id = next((k for k, v in self._dialing.items() if v is lk), None)
+            if lk.dial_rest and link_id is not None:  # the next resolved address
+                self._drop(lk)
+                self._dialing[link_id] = None
+                self._connect(link_id, lk.remote, lk.dial_host, lk.dial_rest, lk.deadline)
+                return
             self._fail(lk, OSError(err, "connect failed"))
             return
         lk.connecting = False

@@ -139,10 +139,17 @@ def test_threading_late_joiner_through_a_seed(nodes: list[Node]) -> None:  # noq
 
 
 def test_threading_failed_dial_is_retried_by_the_timer(nodes: list[Node]) -> None:  # noqa: F811
-    """A refused dial goes back to the node; its backoff timer (about 1 s) dials again."""
+    """A refused dial goes back to the node; its backoff timer (about 1 s) dials again.
+    The peer is named ``localhost``: resolved off the I/O side, each address tried."""
     nodes.extend(TNode() for _ in range(2))
     early, late = nodes
-    early.join([late])  # nothing listens on late's cluster port yet
+    # nothing listens on late's cluster port yet
+    join(
+        early.server,
+        [f"localhost:{late.cluster_port}"],
+        cluster_port=early.cluster_port,
+        cluster_addr=early.addr,
+    )
     cluster = early.server._cluster
     assert cluster is not None
     deadline = time.monotonic() + 3
