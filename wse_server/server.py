@@ -34,14 +34,16 @@ from wse_proto.presence import UPDATE_FAILED, PresenceConfig
 from wse_proto.recovery import MAX_OFFSET, RecoveryConfig, recovery_result
 from wse_proto.ws import encode_close
 from wse_server.cluster import ServerCluster, check_cluster_args
+from wse_transports._blocking import BlockingTransport
 from wse_transports.base import Transport, get_transport
+from wse_transports.cluster_aio import AsyncioClusterTransport
 
 __all__ = ["WSEServer"]
 
 log = logging.getLogger("wse_server")
 
-CLUSTER_TRANSPORTS = ("asyncio", "uvloop")
-CLUSTER_UNSUPPORTED = "cluster links need the asyncio or uvloop transport for now"
+CLUSTER_TRANSPORTS = ("asyncio", "uvloop", "threading", "gevent")
+CLUSTER_UNSUPPORTED = "cluster links are not available on this transport"
 
 STOP_GRACE = 2.0
 """Seconds ``stop()`` waits for clients to answer close 1001 (reference §10.3)."""
@@ -773,14 +775,23 @@ class WSEServer:
         if self._cluster is not None:
             raise RuntimeError("Cluster already connected")
         transport = self._transport
-        loop = getattr(transport, "loop", None)
-        if transport is None or not transport.running or loop is None:
+        if transport is None or not transport.running:
             raise RuntimeError("Server not started")
+        # asyncio/uvloop links run on the server's loop; the blocking transports host them
+        # in their own pump (wse_transports/cluster_blocking.py).
+        loop = getattr(transport, "loop", None)
+        runner: asyncio.AbstractEventLoop | BlockingTransport
+        if isinstance(loop, asyncio.AbstractEventLoop):
+            runner = loop
+        elif isinstance(transport, BlockingTransport):
+            runner = transport
+        else:
+            raise NotImplementedError(CLUSTER_UNSUPPORTED)
         tls = check_cluster_args((tls_cert, tls_key, tls_ca), seeds, cluster_addr)
         cluster = ServerCluster(
             self._core,
             self._lock,
-            loop,
+            runner,
             peers=list(seeds) if seeds else list(peers),
             tls=tls,
             cluster_port=cluster_port,
@@ -918,7 +929,11 @@ class WSEServer:
             cluster, self._cluster = self._cluster, None
             if cluster is not None:
                 try:
-                    await cluster.transport.stop(grace=STOP_GRACE)
+                    # Serving in this loop means the asyncio link transport (a coroutine).
+                    if isinstance(cluster.transport, AsyncioClusterTransport):
+                        await cluster.transport.stop(grace=STOP_GRACE)
+                    else:
+                        cluster.transport.stop(grace=STOP_GRACE)
                 finally:
                     cluster.detach()
             await transport.stop_async(STOP_GRACE)

@@ -1,9 +1,7 @@
 """Cluster links on the threading transport (``wse_transports.cluster_blocking``): three
 ``WSEServer`` nodes in this process on 127.0.0.1, the published wse-client 2.5.1 on each.
 
-``WSEServer.connect_cluster`` still refuses the blocking transports (its gate lives in
-``wse_server/server.py``), so :func:`join` does what it will do for them: build a
-``ServerCluster`` on the running ``ThreadingTransport`` and attach it to the server.
+The gevent nodes run in a monkey-patched subprocess (the pytest process never imports gevent).
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import pytest
 from wse_client import AsyncWSEClient
 
 from wse_server import WSEServer
-from wse_server.cluster import ServerCluster, check_cluster_args
 from wse_transports.cluster_blocking import BlockingClusterTransport
 
 from .conftest import SECRET, make_token
@@ -53,20 +50,18 @@ def join(
     tls_key: str | None = None,
     tls_ca: str | None = None,
 ) -> None:
-    """``connect_cluster`` for a blocking transport (see the module docstring)."""
-    tls = check_cluster_args((tls_cert, tls_key, tls_ca), seeds, cluster_addr)
-    cluster = ServerCluster(
-        server._core,
-        server._lock,
-        server._transport,  # type: ignore[arg-type]
-        peers=list(seeds) if seeds else list(peers),
-        tls=tls,
+    """``connect_cluster`` on a blocking transport, checking which link transport it chose."""
+    server.connect_cluster(
+        peers,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
         cluster_port=cluster_port,
+        seeds=seeds,
         cluster_addr=cluster_addr,
     )
-    assert isinstance(cluster.transport, BlockingClusterTransport)
-    cluster.start()
-    server._cluster = cluster
+    cluster = server._cluster
+    assert cluster is not None and isinstance(cluster.transport, BlockingClusterTransport)
 
 
 class TNode(Node):
@@ -207,7 +202,6 @@ monkey.patch_all()
 import json, os, socket, sys, time
 import gevent
 from wse_server import WSEServer
-from wse_server.cluster import ServerCluster
 from wse_transports.gevent import process_is_patched
 
 assert process_is_patched()
@@ -234,12 +228,9 @@ for i, server in enumerate(servers):
     server.enable_drain_mode()
     server.start()
     gevent.spawn(app, server)
-    cluster = ServerCluster(server._core, server._lock, server._transport,
-                            peers=[a for a in addrs if a != addrs[i]], tls=None,
-                            cluster_port=int(addrs[i].rpartition(":")[2]),
-                            cluster_addr=addrs[i])
-    cluster.start()
-    server._cluster = cluster
+    server.connect_cluster([a for a in addrs if a != addrs[i]],
+                           cluster_port=int(addrs[i].rpartition(":")[2]),
+                           cluster_addr=addrs[i])
 deadline = time.monotonic() + 10
 while any(s.cluster_peers_count() < 2 for s in servers):
     assert time.monotonic() < deadline, [s.cluster_peers_count() for s in servers]
