@@ -38,22 +38,23 @@ import math
 import socket
 import ssl
 import threading
-from collections.abc import Callable
-from typing import Any
 
 from wse_proto._defaults import monotonic
-from wse_proto.cluster.mesh import (
-    CloseLink,
-    ClusterNode,
-    Deliver,
-    Dial,
-    LinkDown,
-    LinkUp,
-    PresenceNotify,
-    Send,
-)
-from wse_proto.presence import PresenceEvent
+from wse_proto.cluster.mesh import ClusterNode
 
+from ._cluster_common import (
+    CLOSE_FLUSH_TIMEOUT,
+    CONNECT_TIMEOUT,
+    MAX_LINK_BACKLOG,
+    TLS_HANDSHAKE_TIMEOUT,
+    DeliverCallback,
+    LinkChangeCallback,
+    PresenceCallback,
+    _ClusterTransportBase,
+    _format_peer,
+    _tune,
+    split_address,
+)
 from .cluster_tls import ClusterTLS
 
 __all__ = [
@@ -68,73 +69,8 @@ __all__ = [
 
 log = logging.getLogger("wse_transports.cluster")
 
-CONNECT_TIMEOUT = 5.0
-"""TCP connect (name resolution included) of a dial (CLUSTER §8.1)."""
-
-TLS_HANDSHAKE_TIMEOUT = 5.0
-"""TLS handshake, both roles (CLUSTER §8.1, §8.7)."""
-
-SOCKET_BUFFER_BYTES = 256 * 1024
-KEEPALIVE_IDLE = 10
-KEEPALIVE_INTERVAL = 5
-
 WRITE_CHUNK = 64 * 1024
 """Queued frames are joined into writes of about this size (the original's batches)."""
-
-CLOSE_FLUSH_TIMEOUT = 5.0
-"""A closed link whose peer stops reading is aborted after this many seconds."""
-
-MAX_LINK_BACKLOG = 16 * 1024 * 1024
-"""Bytes a link's socket may hold unwritten before its publications are dropped."""
-
-DeliverCallback = Callable[[str, bytes, str], None]
-"""``(topic, payload, instance_id)``: fan ``payload`` out as a text frame, unchanged."""
-PresenceCallback = Callable[[PresenceEvent], None]
-LinkChangeCallback = Callable[[LinkUp | LinkDown], None]
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` / ``[v6]:port`` -> (host without brackets, port); ValueError if bad."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"not a host:port address: {address!r}")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"port out of range in {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, port
-
-
-def _format_peer(peername: Any) -> str:
-    if isinstance(peername, tuple) and len(peername) >= 2:
-        host, port = peername[0], peername[1]
-        if ":" in str(host):
-            return f"[{host}]:{port}"
-        return f"{host}:{port}"
-    return str(peername)
-
-
-def _tune(sock: socket.socket | None, *, buffers: bool = True) -> None:
-    """Socket options of CLUSTER §8.1 (best effort: not every OS has every option)."""
-    if sock is None:
-        return
-    opts: list[tuple[int, int, int]] = [
-        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
-        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-    ]
-    if hasattr(socket, "TCP_KEEPIDLE"):
-        opts.append((socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE))
-    elif hasattr(socket, "TCP_KEEPALIVE"):  # macOS spells the idle time this way
-        opts.append((socket.IPPROTO_TCP, socket.TCP_KEEPALIVE, KEEPALIVE_IDLE))
-    if hasattr(socket, "TCP_KEEPINTVL"):
-        opts.append((socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL))
-    if buffers:
-        opts.append((socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES))
-        opts.append((socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES))
-    for level, name, value in opts:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(level, name, value)
 
 
 class _LinkProto(asyncio.Protocol):
@@ -204,7 +140,7 @@ class _LinkProto(asyncio.Protocol):
         self.owner._backlog_soon(self)
 
 
-class AsyncioClusterTransport:
+class AsyncioClusterTransport(_ClusterTransportBase[_LinkProto]):
     """Run a :class:`~wse_proto.cluster.mesh.ClusterNode`'s links on an asyncio loop.
 
     ``listen_port=None`` (and no ``sock``) runs without a listener (dial only);
@@ -230,65 +166,28 @@ class AsyncioClusterTransport:
         tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
         max_link_backlog: int = MAX_LINK_BACKLOG,
     ) -> None:
-        self.node = node
-        self.lock = lock
-        self.listen_host = listen_host
-        self.listen_port = listen_port
-        self._tls = tls
-        self.on_deliver = on_deliver
-        self.on_presence = on_presence
-        self.on_link_change = on_link_change
-        self._sock = sock
-        self.backlog = backlog
-        self.connect_timeout = connect_timeout
-        self.tls_handshake_timeout = tls_handshake_timeout
-        self.max_link_backlog = max_link_backlog
-        self.max_inbound = node.config.max_inbound
+        super().__init__(
+            node,
+            lock,
+            listen_host=listen_host,
+            listen_port=listen_port,
+            tls=tls,
+            on_deliver=on_deliver,
+            on_presence=on_presence,
+            on_link_change=on_link_change,
+            sock=sock,
+            backlog=backlog,
+            connect_timeout=connect_timeout,
+            tls_handshake_timeout=tls_handshake_timeout,
+            max_link_backlog=max_link_backlog,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._server: asyncio.base_events.Server | None = None
-        self._links: dict[int, _LinkProto] = {}  # link id -> socket the node knows
-        self._instances: dict[int, str] = {}  # link id -> peer instance (between LinkUp/Down)
         self._protos: set[_LinkProto] = set()  # every live socket
         self._dialing: dict[int, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # TLS accepts in progress
-        self._dirty: dict[_LinkProto, None] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
-        self._pump_scheduled = False
-        self._inbound = 0
-        self._running = False
-        self._stopping = False
-        self._bound_port = 0
-        # Counters for tests and metrics.
-        self.tls_failures = 0
-        self.refused_inbound = 0
-        self.dial_failures = 0
-
-    # ------------------------------------------------------------------ properties
-
-    @property
-    def running(self) -> bool:
-        return self._running
-
-    @property
-    def bound_port(self) -> int:
-        """The cluster port actually listened on (0 without a listener)."""
-        return self._bound_port
-
-    @property
-    def tls(self) -> ClusterTLS | None:
-        return self._tls
-
-    @property
-    def inbound_sockets(self) -> int:
-        """Accepted sockets currently holding an inbound slot (TLS handshakes included)."""
-        return self._inbound
-
-    @property
-    def link_count(self) -> int:
-        """Sockets the node currently knows (any link state)."""
-        return len(self._links)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -365,18 +264,6 @@ class AsyncioClusterTransport:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self._server = None
 
-    def reload_tls(self, cert_path: str, key_path: str, ca_path: str) -> None:
-        """Swap the certificate, key and CA for every later handshake (thread-safe).
-
-        Links already up keep their session. A bad file raises and keeps the old
-        contexts. Only valid when the transport was created with TLS.
-        """
-        if self._tls is None:
-            raise RuntimeError("cluster TLS is not configured")
-        self._tls = ClusterTLS(
-            cert_path, key_path, ca_path, check_hostname=self._tls.check_hostname
-        )
-
     # ------------------------------------------------------------------ cross-thread
 
     def wake(self) -> None:
@@ -389,75 +276,19 @@ class AsyncioClusterTransport:
         self._pump_scheduled = True
         try:
             if threading.get_ident() == self._loop_thread:
-                loop.call_soon(self._pump_from_loop)
+                loop.call_soon(self._pump_scheduled_now)
             else:
-                loop.call_soon_threadsafe(self._pump_from_loop)
+                loop.call_soon_threadsafe(self._pump_scheduled_now)
         except RuntimeError:  # loop closed
             self._pump_scheduled = False
 
-    def _pump_from_loop(self) -> None:
-        with self.lock:
-            self._pump_scheduled = False
-            if self._running:
-                self._pump_locked()
-
     # ------------------------------------------------------------------ the pump
 
-    def _pump_locked(self) -> None:
-        """Carry out every intent (lock held), write what was queued, re-arm the timer."""
-        node = self.node
-        while True:
-            intents = node.intents()
-            if not intents:
-                break
-            for intent in intents:
-                cls = type(intent)
-                if cls is Send:
-                    assert isinstance(intent, Send)
-                    p = self._links.get(intent.link_id)
-                    if p is not None and not p.closing and not p.lost:
-                        p.outq.append(intent.data)
-                        self._dirty[p] = None
-                elif cls is Deliver:
-                    assert isinstance(intent, Deliver)
-                    cb = self.on_deliver
-                    if cb is not None:
-                        try:
-                            cb(intent.topic, intent.payload, intent.instance_id)
-                        except Exception:
-                            log.exception("cluster on_deliver callback failed")
-                elif cls is CloseLink:
-                    assert isinstance(intent, CloseLink)
-                    self._close_link(intent.link_id)
-                elif cls is Dial:
-                    assert isinstance(intent, Dial)
-                    self._start_dial(intent.link_id, intent.address)
-                elif cls is PresenceNotify:
-                    assert isinstance(intent, PresenceNotify)
-                    pcb = self.on_presence
-                    if pcb is not None:
-                        try:
-                            pcb(intent.event)
-                        except Exception:
-                            log.exception("cluster on_presence callback failed")
-                elif cls is LinkUp or cls is LinkDown:
-                    assert isinstance(intent, LinkUp | LinkDown)
-                    if isinstance(intent, LinkUp):
-                        self._instances[intent.link_id] = intent.instance_id
-                    else:
-                        self._instances.pop(intent.link_id, None)
-                    lcb = self.on_link_change
-                    if lcb is not None:
-                        try:
-                            lcb(intent)
-                        except Exception:
-                            log.exception("cluster on_link_change callback failed")
-        if self._dirty:
-            dirty = self._dirty
-            self._dirty = {}
-            for p in dirty:
-                self._write_out(p)
-        self._arm()
+    def _queue_send(self, link_id: int, data: bytes) -> None:
+        p = self._links.get(link_id)
+        if p is not None and not p.closing and not p.lost:
+            p.outq.append(data)
+            self._dirty[p] = None
 
     def _write_out(self, p: _LinkProto) -> None:
         """Write a link's queued frames, joined into writes of about WRITE_CHUNK bytes."""
@@ -795,9 +626,4 @@ class AsyncioClusterTransport:
         if transport is None or link_id is None or p.lost or p.closing:
             return
         with self.lock:
-            instance = self._instances.get(link_id)
-            link = self.node.link_of(instance) if instance is not None else None
-            if link is None or link.link_id != link_id:
-                return
-            # CLUSTER §8.7: a full queue drops publications (and counts them).
-            link.transport_pending_frames = link.config.max_queued_frames if p.paused else 0
+            self._report_backlog(link_id, p.paused)

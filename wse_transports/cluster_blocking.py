@@ -36,19 +36,10 @@ from collections.abc import Callable
 from typing import Any
 
 from wse_proto._defaults import monotonic
-from wse_proto.cluster.mesh import (
-    CloseLink,
-    ClusterNode,
-    Deliver,
-    Dial,
-    LinkDown,
-    LinkUp,
-    PresenceNotify,
-    Send,
-)
+from wse_proto.cluster.mesh import ClusterNode
 
 from ._blocking import READ, WRITE, BlockingTransport
-from .cluster_aio import (
+from ._cluster_common import (
     CLOSE_FLUSH_TIMEOUT,
     CONNECT_TIMEOUT,
     MAX_LINK_BACKLOG,
@@ -56,6 +47,7 @@ from .cluster_aio import (
     DeliverCallback,
     LinkChangeCallback,
     PresenceCallback,
+    _ClusterTransportBase,
     _format_peer,
     _tune,
     split_address,
@@ -143,7 +135,7 @@ class _Listener:
         self.owner._on_accept(now)
 
 
-class BlockingClusterTransport:
+class BlockingClusterTransport(_ClusterTransportBase[_Link]):
     """Run a ``ClusterNode``'s links on a running :class:`BlockingTransport`'s I/O side.
 
     ``lock`` is the core lock (the pump's). ``listen_port=None`` and no ``sock``: dial
@@ -169,60 +161,27 @@ class BlockingClusterTransport:
         tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
         max_link_backlog: int = MAX_LINK_BACKLOG,
     ) -> None:
-        self.node = node
-        self.lock = lock
+        super().__init__(
+            node,
+            lock,
+            listen_host=listen_host,
+            listen_port=listen_port,
+            tls=tls,
+            on_deliver=on_deliver,
+            on_presence=on_presence,
+            on_link_change=on_link_change,
+            sock=sock,
+            backlog=backlog,
+            connect_timeout=connect_timeout,
+            tls_handshake_timeout=tls_handshake_timeout,
+            max_link_backlog=max_link_backlog,
+        )
         self.host = host
-        self.listen_host = listen_host
-        self.listen_port = listen_port
-        self._tls = tls
-        self.on_deliver = on_deliver
-        self.on_presence = on_presence
-        self.on_link_change = on_link_change
-        self._sock = sock
-        self.backlog = backlog
-        self.connect_timeout = connect_timeout
-        self.tls_handshake_timeout = tls_handshake_timeout
-        self.max_link_backlog = max_link_backlog
-        self.max_inbound = node.config.max_inbound
         self._listener: _Listener | None = None
-        self._links: dict[int, _Link] = {}  # link id -> socket the node knows
         self._dialing: dict[int, _Link | None] = {}  # None while a name is resolved
         self._socks: set[_Link] = set()
-        self._instances: dict[int, str] = {}
-        self._dirty: dict[_Link, None] = {}
-        self._inbound = 0
-        self._running = False
-        self._stopping = False
-        self._pump_scheduled = False
-        self._bound_port = 0
-        self._timer_at = math.inf
         self._timer_event = host.runtime.new_event()
         self._timer_task: Any = None
-        self.tls_failures = 0
-        self.refused_inbound = 0
-        self.dial_failures = 0
-
-    # ------------------------------------------------------------------ properties
-
-    @property
-    def running(self) -> bool:
-        return self._running
-
-    @property
-    def bound_port(self) -> int:
-        return self._bound_port
-
-    @property
-    def tls(self) -> ClusterTLS | None:
-        return self._tls
-
-    @property
-    def inbound_sockets(self) -> int:
-        return self._inbound
-
-    @property
-    def link_count(self) -> int:
-        return len(self._links)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -323,14 +282,6 @@ class BlockingClusterTransport:
             task.join(2.0)
             self._timer_task = None
 
-    def reload_tls(self, cert_path: str, key_path: str, ca_path: str) -> None:
-        """New certificate, key and CA for later handshakes (links up keep theirs)."""
-        if self._tls is None:
-            raise RuntimeError("cluster TLS is not configured")
-        self._tls = ClusterTLS(
-            cert_path, key_path, ca_path, check_hostname=self._tls.check_hostname
-        )
-
     # ------------------------------------------------------------------ cross-thread
 
     def _submit(self, fn: Callable[[], Any]) -> bool:
@@ -345,61 +296,16 @@ class BlockingClusterTransport:
         if self._pump_scheduled or not self._running:
             return
         self._pump_scheduled = True
-        if not self._submit(self._pump_from_io):
+        if not self._submit(self._pump_scheduled_now):
             self._pump_scheduled = False
-
-    def _pump_from_io(self) -> None:
-        with self.lock:
-            self._pump_scheduled = False
-            if self._running:
-                self._pump_locked()
 
     # ------------------------------------------------------------------ the pump
 
-    def _pump_locked(self) -> None:
-        """Carry out every intent (lock held, I/O side), write, re-arm the timer."""
-        node = self.node
-        while True:
-            intents = node.intents()
-            if not intents:
-                break
-            for intent in intents:
-                if isinstance(intent, Send):
-                    lk = self._links.get(intent.link_id)
-                    if lk is not None and not lk.closing and not lk.dead:
-                        lk.outq.append(intent.data)
-                        self._dirty[lk] = None
-                elif isinstance(intent, Deliver):
-                    if self.on_deliver is not None:
-                        try:
-                            self.on_deliver(intent.topic, intent.payload, intent.instance_id)
-                        except Exception:
-                            log.exception("cluster on_deliver callback failed")
-                elif isinstance(intent, CloseLink):
-                    self._close_link(intent.link_id)
-                elif isinstance(intent, Dial):
-                    self._start_dial(intent.link_id, intent.address)
-                elif isinstance(intent, PresenceNotify):
-                    if self.on_presence is not None:
-                        try:
-                            self.on_presence(intent.event)
-                        except Exception:
-                            log.exception("cluster on_presence callback failed")
-                elif isinstance(intent, LinkUp | LinkDown):
-                    if isinstance(intent, LinkUp):
-                        self._instances[intent.link_id] = intent.instance_id
-                    else:
-                        self._instances.pop(intent.link_id, None)
-                    if self.on_link_change is not None:
-                        try:
-                            self.on_link_change(intent)
-                        except Exception:
-                            log.exception("cluster on_link_change callback failed")
-        if self._dirty:
-            dirty, self._dirty = self._dirty, {}
-            for lk in dirty:
-                self._write_out(lk)
-        self._arm()
+    def _queue_send(self, link_id: int, data: bytes) -> None:
+        lk = self._links.get(link_id)
+        if lk is not None and not lk.closing and not lk.dead:
+            lk.outq.append(data)
+            self._dirty[lk] = None
 
     def _write_out(self, lk: _Link) -> None:
         queue = lk.outq
@@ -563,12 +469,8 @@ class BlockingClusterTransport:
         if not full and lk.out is not None and len(lk.out) > self.max_link_backlog // 4:
             return
         lk.paused = full
-        link_id = lk.link_id
-        instance = self._instances.get(link_id) if link_id is not None else None
-        link = self.node.link_of(instance) if instance is not None else None
-        if link is not None and link.link_id == link_id:
-            # CLUSTER §8.7: a full queue drops publications (and counts them).
-            link.transport_pending_frames = link.config.max_queued_frames if full else 0
+        if lk.link_id is not None:
+            self._report_backlog(lk.link_id, full)
 
     # ------------------------------------------------------------------ readiness
 
