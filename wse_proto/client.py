@@ -28,10 +28,10 @@ import orjson
 
 from . import codec
 from ._defaults import RandFn, WallClockMs
+from ._machine import ConnectionState, Input, _ConnectionMachine, _next_tick
 from .crypto import EncryptionSession, KeyPair, derive_key, generate_keypair
 from .errors import DecodeError, LocalProtocolError, PayloadTooLarge, WSEError
 from .events import (
-    ConnectionClosed,
     DecodeFailed,
     Event,
     Hello,
@@ -41,7 +41,7 @@ from .events import (
     Received,
     Upgraded,
 )
-from .server import CLIENT_TRANSITIONS, ConnectionState, Input, _StateMachine
+from .server import CLIENT_TRANSITIONS
 from .ws import (
     ACCEPTED,
     BINARY,
@@ -117,27 +117,20 @@ def _category(t: str) -> str:
     return "U"
 
 
-class ClientConnection(_StateMachine):
+class ClientConnection(_ConnectionMachine):
     """One WSE client connection. Same verbs and timer API as the server machine.
 
     The upgrade request is queued at construction: call :meth:`data_to_send` first.
     """
 
     __slots__ = (
-        "_close_deadline",
-        "_closed_emitted",
         "_decoder",
         "_events",
-        "_handshake",
-        "_handshake_deadline",
         "_head",
         "_keypair",
-        "_next_ping",
-        "_now",
         "_out",
         "_rand",
         "_seq",
-        "_session",
         "_wall_ms",
         "close_timeout",
         "connection_id",
@@ -217,15 +210,6 @@ class ClientConnection(_StateMachine):
 
     # ------------------------------------------------------------------ properties
 
-    @property
-    def encrypted(self) -> bool:
-        """A key is in force: everything we send is an ``E:`` frame."""
-        return self._session is not None
-
-    @property
-    def wants_close(self) -> bool:
-        return self.state is ConnectionState.CLOSED
-
     # ------------------------------------------------------------------ plumbing
 
     def events_received(self) -> list[Event]:
@@ -246,21 +230,8 @@ class ClientConnection(_StateMachine):
     def _frame(self, opcode: int, payload: bytes) -> None:
         self._out.append(encode_frame(opcode, payload, mask_key=self._mask()))
 
-    def _emit_closed(self, code: int | None, reason: str, error: WSEError | None = None) -> None:
-        if not self._closed_emitted:
-            self._closed_emitted = True
-            self._events.append(ConnectionClosed(code, reason, error))
-
-    def _enter(self, inp: Input) -> ConnectionState:
-        new = self._transition(inp)
-        if new is not ConnectionState.HANDSHAKE:
-            self._handshake_deadline = None
-        if new is not ConnectionState.OPEN:
-            self._next_ping = None
-        if new is ConnectionState.CLOSED:
-            self._close_deadline = None
-            self._handshake = None
-        return new
+    def _emit(self, event: Event) -> None:
+        self._events.append(event)
 
     # ------------------------------------------------------------------ inbound
 
@@ -297,19 +268,6 @@ class ClientConnection(_StateMachine):
             data = trailing
         self._decoder.receive_data(data)
         self._process_frames(now)
-
-    def receive_eof(self, now: float) -> None:
-        if self.state is ConnectionState.CLOSED:
-            return
-        self._now = now
-        self._enter(Input.EOF)
-        self._emit_closed(1006, "connection lost")
-
-    def abort(self) -> None:
-        if self.state is ConnectionState.CLOSED:
-            return
-        self._enter(Input.ABORT)
-        self._emit_closed(1006, "aborted")
 
     def _process_frames(self, now: float) -> None:
         decoder = self._decoder
@@ -586,15 +544,7 @@ class ClientConnection(_StateMachine):
         state = self.state
         if state is ConnectionState.OPEN:
             self._out.append(encode_close(code, reason, mask_key=self._mask()))
-            self._enter(Input.CLOSE)
-            if now is not None:
-                self._now = now
-            self._close_deadline = self._now + self.close_timeout
-            self._emit_closed(code, reason)
-        else:
-            self._enter(Input.CLOSE)
-            if state is ConnectionState.HANDSHAKE:
-                self._emit_closed(1006, reason or "closed during the handshake")
+        self._close(state, code, reason, now, self.close_timeout)
 
     # ------------------------------------------------------------------ timers
 
@@ -602,11 +552,7 @@ class ClientConnection(_StateMachine):
         state = self.state
         if state is ConnectionState.OPEN:
             return self._next_ping
-        if state is ConnectionState.CLOSING:
-            return self._close_deadline
-        if state is ConnectionState.HANDSHAKE:
-            return self._handshake_deadline
-        return None
+        return self._end_deadline(state)
 
     def handle_timer(self, now: float) -> None:
         state = self.state
@@ -617,16 +563,6 @@ class ClientConnection(_StateMachine):
             if due is not None and now >= due:
                 self._transition(Input.PING_DUE)
                 self.send_ping()
-                due += self.ping_interval
-                if due <= now:
-                    due += (int((now - due) / self.ping_interval) + 1) * self.ping_interval
-                self._next_ping = due
-        elif state is ConnectionState.CLOSING:
-            deadline = self._close_deadline
-            if deadline is not None and now >= deadline:
-                self._enter(Input.CLOSE_TIMEOUT)
-        elif state is ConnectionState.HANDSHAKE:
-            deadline = self._handshake_deadline
-            if deadline is not None and now >= deadline:
-                self._enter(Input.HANDSHAKE_TIMEOUT)
-                self._emit_closed(1006, "handshake timeout")
+                self._next_ping = _next_tick(due, now, self.ping_interval)
+        else:
+            self._expire(state, now)

@@ -3,10 +3,11 @@
 Theory of operation
 -------------------
 The machine has four states (:class:`ConnectionState`) and every change of state
-goes through :meth:`_StateMachine._transition`, which looks the pair
-``(state, input)`` up in a table (h11/h2 style). A pair missing from the table is
-API misuse and raises :class:`~wse_proto.errors.LocalProtocolError`; the tables
-are data, so tests and docs can enumerate them.
+goes through ``_transition`` (in :mod:`wse_proto._machine`, shared with the
+client), which looks the pair ``(state, input)`` up in a table (h11/h2 style). A
+pair missing from the table is API misuse and raises
+:class:`~wse_proto.errors.LocalProtocolError`; the tables are data, so tests and
+docs can enumerate them.
 
 - ``HANDSHAKE``: bytes go to the RFC 6455 upgrade parser, then JWT (reference §1.3).
 - ``OPEN``: frames are decoded and dispatched (reference §3.2, §4.4); the
@@ -39,7 +40,6 @@ returns the public events either way.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -47,6 +47,7 @@ import orjson
 
 from . import auth, codec, envelope
 from ._defaults import RandFn, WallClockMs
+from ._machine import ConnectionState, Input, _ConnectionMachine, _next_tick
 from .config import ServerConfig
 from .crypto import EncryptionSession, server_key_exchange
 from .envelope import normalize_keys
@@ -55,7 +56,6 @@ from .errors import (
     DecodeError,
     DecryptionError,
     KeyExchangeError,
-    LocalProtocolError,
     PayloadTooLarge,
     WSEError,
 )
@@ -63,7 +63,6 @@ from .events import (
     AuthRejected,
     BytesReceived,
     Connected,
-    ConnectionClosed,
     DecryptFailed,
     Event,
     HelloReceived,
@@ -114,34 +113,6 @@ message known to be a JSON object that is not intercepted (``msg``, parsed by
 :func:`resolve`)."""
 
 
-class ConnectionState(enum.Enum):
-    """Lifecycle of a connection machine (shared by server and client)."""
-
-    HANDSHAKE = "HANDSHAKE"
-    OPEN = "OPEN"
-    CLOSING = "CLOSING"
-    CLOSED = "CLOSED"
-
-
-class Input(enum.Enum):
-    """What can happen to a connection machine (the columns of the tables)."""
-
-    ACCEPT = "accept"  # upgrade done (and JWT accepted, server side)
-    REJECT = "reject"  # the upgrade failed (HTTP error answer / bad 101)
-    AUTH_FAIL = "auth_fail"  # JWT rejected: error frame + close 4401
-    RECV_MESSAGE = "recv_message"  # any inbound frame but Close
-    RECV_CLOSE = "recv_close"  # the peer's Close frame
-    PEER_ERROR = "peer_error"  # framing error, oversize message, bad close payload
-    EOF = "eof"  # the transport saw the socket end
-    ABORT = "abort"  # the transport gives up on the socket
-    SEND = "send"  # the application queues a message
-    CLOSE = "close"  # the application starts the close handshake
-    PING_DUE = "ping_due"  # heartbeat timer
-    IDLE_TIMEOUT = "idle_timeout"  # no inbound message for idle_timeout
-    HANDSHAKE_TIMEOUT = "handshake_timeout"
-    CLOSE_TIMEOUT = "close_timeout"  # the peer did not answer our Close
-
-
 _S = ConnectionState
 _I = Input
 
@@ -189,26 +160,6 @@ CLIENT_TRANSITIONS: Final[Mapping[tuple[ConnectionState, Input], ConnectionState
     **_COMMON,
 }
 """Client machine: same shape; the client has no auth step and no idle close."""
-
-
-class _StateMachine:
-    """The state plus the single place that changes it."""
-
-    __slots__ = ("_table", "state")
-
-    def __init__(self, table: Mapping[tuple[ConnectionState, Input], ConnectionState]) -> None:
-        self._table = table
-        self.state = ConnectionState.HANDSHAKE
-
-    def _transition(self, inp: Input) -> ConnectionState:
-        try:
-            new = self._table[(self.state, inp)]
-        except KeyError:
-            raise LocalProtocolError(
-                f"{inp.value} is not allowed in state {self.state.value}"
-            ) from None
-        self.state = new
-        return new
 
 
 # ---------------------------------------------------------------------------
@@ -289,7 +240,7 @@ def resolve(conn_id: str, items: list[Pending]) -> list[DrainItem]:
     return out
 
 
-class ServerConnection(_StateMachine):
+class ServerConnection(_ConnectionMachine):
     """One client connection, server side. See the module docstring.
 
     Verbs: :meth:`receive_data`, :meth:`receive_eof`, :meth:`events_received`,
@@ -300,24 +251,17 @@ class ServerConnection(_StateMachine):
 
     __slots__ = (
         "_bucket",
-        "_close_deadline",
-        "_closed_emitted",
         "_decoder",
         "_events",
-        "_handshake",
-        "_handshake_deadline",
         "_has_events",
         "_idle_deadline",
         "_last_limited",
         "_last_warning",
         "_mode",
-        "_next_ping",
         "_next_seq",
-        "_now",
         "_open",
         "_out",
         "_rand",
-        "_session",
         "_wall_ms",
         "acl",
         "claims",
@@ -392,16 +336,6 @@ class ServerConnection(_StateMachine):
     # ------------------------------------------------------------------ properties
 
     @property
-    def encrypted(self) -> bool:
-        """A key was agreed by ``client_hello`` (§4.2); fan-out must use ``E:`` frames."""
-        return self._session is not None
-
-    @property
-    def wants_close(self) -> bool:
-        """The transport should flush :meth:`data_to_send` and close the socket."""
-        return self.state is ConnectionState.CLOSED
-
-    @property
     def outbound_backlog(self) -> int:
         """Bytes the peer has not received yet (for the hub's slow-consumer policy)."""
         return self.pending_bytes + self.transport_backlog
@@ -447,23 +381,12 @@ class ServerConnection(_StateMachine):
         self._out.append(data)
         self.pending_bytes += len(data)
 
-    def _emit_closed(self, code: int | None, reason: str, error: WSEError | None = None) -> None:
-        if not self._closed_emitted:
-            self._closed_emitted = True
-            self._emit(ConnectionClosed(code, reason, error))
-
     def _enter(self, inp: Input) -> ConnectionState:
         """Transition and keep the derived flags and timers consistent."""
-        new = self._transition(inp)
-        self._open = new is ConnectionState.OPEN
-        if new is not ConnectionState.HANDSHAKE:
-            self._handshake_deadline = None
-        if new is not ConnectionState.OPEN:
-            self._next_ping = None
+        new = super()._enter(inp)
+        self._open = open_ = new is ConnectionState.OPEN
+        if not open_:
             self._idle_deadline = None
-        if new is ConnectionState.CLOSED:
-            self._close_deadline = None
-            self._handshake = None
         return new
 
     # ------------------------------------------------------------------ inbound
@@ -479,21 +402,6 @@ class ServerConnection(_StateMachine):
             return
         self._decoder.receive_data(data)
         self._process_frames(now)
-
-    def receive_eof(self, now: float) -> None:
-        """The peer closed its side of the socket."""
-        if self.state is ConnectionState.CLOSED:
-            return
-        self._now = now
-        self._enter(Input.EOF)
-        self._emit_closed(1006, "connection lost")
-
-    def abort(self) -> None:
-        """The transport drops the socket (write error, forced removal)."""
-        if self.state is ConnectionState.CLOSED:
-            return
-        self._enter(Input.ABORT)
-        self._emit_closed(1006, "aborted")
 
     def _receive_handshake(self, data: bytes | bytearray | memoryview, now: float) -> None:
         hs = self._handshake
@@ -845,17 +753,8 @@ class ServerConnection(_StateMachine):
         """
         state = self.state
         if state is ConnectionState.OPEN:
-            frame = encode_close(code, reason)  # LocalProtocolError on a bad code
-            self._write(frame)
-            self._enter(Input.CLOSE)
-            if now is not None:
-                self._now = now
-            self._close_deadline = self._now + self.config.close_timeout
-            self._emit_closed(code, reason)
-        else:
-            self._enter(Input.CLOSE)
-            if state is ConnectionState.HANDSHAKE:
-                self._emit_closed(1006, reason or "closed during the handshake")
+            self._write(encode_close(code, reason))  # LocalProtocolError on a bad code
+        self._close(state, code, reason, now, self.config.close_timeout)
 
     # ------------------------------------------------------------------ timers
 
@@ -867,11 +766,7 @@ class ServerConnection(_StateMachine):
             idle = self._idle_deadline
             assert ping is not None and idle is not None
             return ping if ping < idle else idle
-        if state is ConnectionState.HANDSHAKE:
-            return self._handshake_deadline
-        if state is ConnectionState.CLOSING:
-            return self._close_deadline
-        return None
+        return self._end_deadline(state)
 
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now`` (deadlines are inclusive)."""
@@ -893,17 +788,6 @@ class ServerConnection(_StateMachine):
             if now >= ping:
                 self._transition(Input.PING_DUE)
                 self._write(text_frame(envelope.server_ping(self._wall_ms())))
-                interval = self.config.ping_interval
-                ping += interval
-                if ping <= now:  # the transport was late: skip, do not burst
-                    ping += (int((now - ping) / interval) + 1) * interval
-                self._next_ping = ping
-        elif state is ConnectionState.HANDSHAKE:
-            deadline = self._handshake_deadline
-            if deadline is not None and now >= deadline:
-                self._enter(Input.HANDSHAKE_TIMEOUT)
-                self._emit_closed(1006, "handshake timeout")
-        elif state is ConnectionState.CLOSING:
-            deadline = self._close_deadline
-            if deadline is not None and now >= deadline:
-                self._enter(Input.CLOSE_TIMEOUT)
+                self._next_ping = _next_tick(ping, now, self.config.ping_interval)
+        else:
+            self._expire(state, now)
