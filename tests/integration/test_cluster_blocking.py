@@ -26,11 +26,13 @@ from .test_cluster_server import (
     NO_RECONNECT,
     TOPIC,
     Node,
+    link_late_joiner,
     meshed,
     nodes,  # noqa: F401  (fixture)
     run,
     subscribed_client,
     wait_for,
+    wait_until,
 )
 from .test_cluster_transport import CA
 
@@ -109,28 +111,16 @@ def test_threading_mesh_delivers_every_broadcast_exactly_once(nodes: list[Node])
 
 def test_threading_late_joiner_through_a_seed(nodes: list[Node]) -> None:  # noqa: F811
     nodes.extend(TNode() for _ in range(3))
+    link_late_joiner(nodes)
     first, second, late = nodes
-    first.join([second])
-    second.join([first])
-    deadline = time.monotonic() + 5
-    while not meshed([first, second]):
-        assert time.monotonic() < deadline, "first two nodes did not link"
-        time.sleep(0.01)
-    late.join([], seeds=[first.addr])
-    deadline = time.monotonic() + 5
-    while not meshed(nodes):
-        assert time.monotonic() < deadline, "the late joiner did not reach everybody"
-        time.sleep(0.01)
-    seen = [{e["instance_id"] for e in n.server.cluster_info()} for n in nodes]
-    assert all(len(ids) == 2 for ids in seen)
-    assert len(set().union(*seen)) == 3
     # stop() sends SHUTDOWN: the others drop the link at once instead of timing out.
     late.close()
     nodes.remove(late)
-    deadline = time.monotonic() + 3
-    while first.server.cluster_peers_count() != 1 or second.server.cluster_peers_count() != 1:
-        assert time.monotonic() < deadline, "SHUTDOWN did not remove the stopped node"
-        time.sleep(0.01)
+    wait_until(
+        "SHUTDOWN did not remove the stopped node",
+        lambda: first.server.cluster_peers_count() == 1 == second.server.cluster_peers_count(),
+        timeout=3,
+    )
 
 
 def test_threading_failed_dial_is_retried_by_the_timer(nodes: list[Node]) -> None:  # noqa: F811
@@ -147,16 +137,12 @@ def test_threading_failed_dial_is_retried_by_the_timer(nodes: list[Node]) -> Non
     )
     cluster = early.server._cluster
     assert cluster is not None
-    deadline = time.monotonic() + 3
-    while cluster.transport.dial_failures < 1:
-        assert time.monotonic() < deadline, "the refused dial was not reported"
-        time.sleep(0.01)
+    wait_until(
+        "the refused dial was not reported", lambda: cluster.transport.dial_failures >= 1, timeout=3
+    )
     assert early.server.cluster_peers_count() == 0
     late.join([])
-    deadline = time.monotonic() + 5
-    while not meshed(nodes):
-        assert time.monotonic() < deadline, "the dial was not retried"
-        time.sleep(0.01)
+    wait_until("the dial was not retried", lambda: meshed(nodes))
 
 
 def test_threading_mutual_tls_mesh_delivers(nodes: list[Node], tmp_path: Path) -> None:  # noqa: F811

@@ -110,6 +110,30 @@ def run(coro: Any, timeout: float = 15.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
+def wait_until(
+    what: str, cond: Callable[[], Any], *, timeout: float = 5.0, interval: float = 0.01
+) -> None:
+    """Poll ``cond`` from a plain thread until it holds; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(interval)
+
+
+def link_late_joiner(nodes: list[Node]) -> None:
+    """Mesh the first two nodes, then let the third join through a seed only; every node
+    must end up linked to the two others."""
+    first, second, late = nodes
+    first.join([second])
+    second.join([first])
+    wait_until("first two nodes did not link", lambda: meshed([first, second]))
+    late.join([], seeds=[first.addr])
+    wait_until("the late joiner did not reach everybody", lambda: meshed(nodes))
+    seen = [{e["instance_id"] for e in n.server.cluster_info()} for n in nodes]
+    assert all(len(ids) == 2 for ids in seen)
+    assert len(set().union(*seen)) == 3  # each node sees the two others
+
+
 def meshed(nodes: list[Node]) -> bool:
     return all(n.server.cluster_peers_count() == len(nodes) - 1 for n in nodes)
 
@@ -187,10 +211,9 @@ def test_broadcast_reaches_every_client_of_the_mesh_exactly_once(
     assert server.get_cluster_dlq_entries() == []
     # stop() sends SHUTDOWN: the others drop the link at once, without a heartbeat timeout
     nodes[2].server.stop()
-    deadline = time.monotonic() + 3
-    while server.cluster_peers_count() != 1:
-        assert time.monotonic() < deadline, "SHUTDOWN did not end the link"
-        time.sleep(0.01)
+    wait_until(
+        "SHUTDOWN did not end the link", lambda: server.cluster_peers_count() == 1, timeout=3
+    )
 
 
 def test_restarted_node_relinks_and_its_clients_get_cross_node_broadcasts(
@@ -203,25 +226,22 @@ def test_restarted_node_relinks_and_its_clients_get_cross_node_broadcasts(
     a, b, c = nodes
     for i, node in enumerate(nodes):
         node.join([p for j, p in enumerate(nodes) if j != i])
-    deadline = time.monotonic() + 5
-    while not meshed(nodes):
-        assert time.monotonic() < deadline, "no full mesh"
-        time.sleep(0.01)
+    wait_until("no full mesh", lambda: meshed(nodes))
     old_ids = {e["instance_id"] for e in a.server.cluster_info()}  # b's and c's
     b.close()  # SHUTDOWN to the peers, clients closed
-    deadline = time.monotonic() + 3
-    while a.server.cluster_peers_count() != 1 or c.server.cluster_peers_count() != 1:
-        assert time.monotonic() < deadline, "the stopped node is still counted"
-        time.sleep(0.01)
+    wait_until(
+        "the stopped node is still counted",
+        lambda: a.server.cluster_peers_count() == 1 == c.server.cluster_peers_count(),
+        timeout=3,
+    )
     reborn = Node()
     reborn.cluster_port, reborn.addr = b.cluster_port, b.addr
     nodes.append(reborn)
     reborn.join([a, c])
     live = [a, c, reborn]
-    deadline = time.monotonic() + 10  # a and c redial with backoff (1 s, x1.5)
-    while not meshed(live):
-        assert time.monotonic() < deadline, "the restarted node did not relink"
-        time.sleep(0.02)
+    wait_until(
+        "the restarted node did not relink", lambda: meshed(live), timeout=10, interval=0.02
+    )  # a and c redial with backoff (1 s, x1.5)
     # The link to the new instance may be the one it dialled (listed under its socket
     # address), so compare instance ids: two peers, the old instance gone.
     ids = {e["instance_id"] for e in a.server.cluster_info()}
@@ -311,21 +331,8 @@ def test_presence_join_and_leave_cross_nodes(nodes: list[Node]) -> None:
 
 def test_late_joiner_through_a_seed_links_to_everybody(nodes: list[Node]) -> None:
     nodes.extend(Node() for _ in range(3))
+    link_late_joiner(nodes)
     first, second, late = nodes
-    first.join([second])
-    second.join([first])
-    deadline = time.monotonic() + 5
-    while not meshed([first, second]):
-        assert time.monotonic() < deadline, "first two nodes did not link"
-        time.sleep(0.01)
-    late.join([], seeds=[first.addr])
-    deadline = time.monotonic() + 5
-    while not meshed(nodes):
-        assert time.monotonic() < deadline, "the late joiner did not reach everybody"
-        time.sleep(0.01)
-    seen = [{e["instance_id"] for e in n.server.cluster_info()} for n in nodes]
-    assert all(len(ids) == 2 for ids in seen)
-    assert len(set().union(*seen)) == 3  # each node sees the two others
     assert {e["address"] for e in late.server.cluster_info()} >= {first.addr}
 
     # drain() sends DRAIN: peers stop routing publications to the draining node
